@@ -1,0 +1,1 @@
+"""The data half: NanoAOD sources, skimming, padding and HDF5 writing."""

@@ -1,0 +1,1 @@
+"""The ML half: datasets, models, training, tuning, bundles and prediction."""
