@@ -196,7 +196,7 @@ class TrackingConfig(BaseConfig):
     """MLflow tracking."""
 
     enabled: bool = Field(True, description="log to MLflow")
-    uri: str | None = Field(None, description="tracking URI; none means sqlite:///<output>/mlflow.db")
+    uri: str | None = Field(None, description="tracking URI; none means sqlite:///mlflow.db beside the output directory")
     experiment: str = Field("cmsmlkit", description="MLflow experiment name")
 
 

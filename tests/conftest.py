@@ -22,3 +22,45 @@ def demo_files(tmp_path_factory) -> dict[str, list[Path]]:
     from cmsmlkit.data import toy
 
     return toy.make_demo(tmp_path_factory.mktemp("demo"), n_events=1500, seed=7)
+
+
+#: The demo selection (the packaged demo pipeline's, in Python form).
+DEMO_SKIM = {
+    "selection": {
+        "objects": {
+            "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
+            "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
+            "GoodElectron": {"from": "Electron", "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3"},
+        },
+        "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
+        "variables": {"ht": "sum(GoodJet.pt)", "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])", "met": "MET.pt"},
+    },
+    "collections": {"GoodJet": ["pt", "eta", "btagDeepFlavB"], "GoodMuon": ["pt", "eta"], "GoodElectron": ["pt"]},
+}
+DEMO_PADDING = {"GoodJet": {"max_len": 5}, "GoodMuon": {"max_len": 2}, "GoodElectron": {"max_len": 2}}
+
+
+@pytest.fixture(scope="session")
+def demo_chain(tmp_path_factory, demo_files):
+    """The demo chain run once, small: skimmed HDF5 and a trained bundle (3 epochs, no tracking)."""
+    from types import SimpleNamespace
+
+    from cmsmlkit import HDF5Writer, NanoAODSource, Skimmer, Trainer
+
+    out = tmp_path_factory.mktemp("chain")
+    source = NanoAODSource(
+        datasets={
+            name: {"files": [str(p) for p in demo_files[name]], "label": label}
+            for name, label in (("ttbar", "signal"), ("wjets", "background"), ("dy", "background"))
+        }
+    )
+    skimmer = Skimmer(DEMO_SKIM)
+    skim = skimmer.run(source.fileset())
+    h5 = HDF5Writer(output=str(out / "demo.h5"), collections=DEMO_PADDING).write(skim, skim_config=skimmer.config)
+    trained = Trainer(
+        inputs=[str(h5)], output=str(out / "model"), max_epochs=3, batch_size=256, tracking={"enabled": False}
+    ).fit()
+    return SimpleNamespace(
+        dir=out, files=demo_files, skim=skim, skim_config=skimmer.config, h5=h5, bundle=trained.bundle_path,
+        train=trained,
+    )

@@ -1,0 +1,72 @@
+"""The pipeline runner: stages in order, relative paths, skipping what is done for the same config."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from cmsmlkit import Pipeline, load_config
+from cmsmlkit.errors import ConfigError
+from conftest import DEMO_PADDING, DEMO_SKIM
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path, demo_files):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, paths in demo_files.items():
+        shutil.copy(paths[0], data / f"{name}.root")
+    config = {
+        "source": {
+            "datasets": {
+                "ttbar": {"files": ["data/ttbar.root"], "label": "signal", "xsec": 833.9},
+                "wjets": {"files": ["data/wjets.root"], "label": "background"},
+                "dy": {"files": ["data/dy.root"], "label": "background"},
+            }
+        },
+        "skim": DEMO_SKIM,
+        "convert": {"output": "out/demo.h5", "collections": DEMO_PADDING},
+        "train": {"output": "out/model", "max_epochs": 2, "batch_size": 256, "tracking": {"enabled": False}},
+        "predict": {"bundle": "out/model", "inputs": ["data/new.root"], "output": "out/scores"},
+    }
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_runs_every_stage_then_skips_them(pipeline_dir):
+    result = Pipeline(pipeline_dir / "pipeline.yaml").run()
+    assert list(result.outputs) == ["convert", "train", "predict"]  # skim without output feeds convert in memory
+    assert result.outputs["convert"] == [pipeline_dir / "out" / "demo.h5"]
+    assert result.outputs["predict"] == [pipeline_dir / "out" / "scores" / "new.h5"]
+    assert 0.6 < result.test_auc < 1.0
+    assert (pipeline_dir / ".cmsml" / "train.json").is_file()
+
+    again = Pipeline(pipeline_dir / "pipeline.yaml").run()
+    assert again.skipped == ["convert", "train", "predict"]
+    assert again.test_auc == pytest.approx(result.test_auc)
+
+    # A changed training config reruns training and everything downstream, not the conversion.
+    config = load_config(pipeline_dir / "pipeline.yaml")
+    config.train.max_epochs = 1
+    changed = Pipeline(config, base_dir=pipeline_dir).run()
+    assert changed.skipped == ["convert"]
+
+
+def test_relative_paths_are_taken_from_the_yaml_directory(pipeline_dir, tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    pipeline = Pipeline(pipeline_dir / "pipeline.yaml")
+    assert pipeline.base_dir == pipeline_dir
+    assert pipeline._resolved("convert").output == str(pipeline_dir / "out" / "demo.h5")
+    assert pipeline._resolved("source").datasets["ttbar"].files == [str(pipeline_dir / "data" / "ttbar.root")]
+    assert pipeline.stages() == ["convert", "train", "predict"]
+
+
+def test_a_stage_without_its_section_is_an_error(tmp_path):
+    (tmp_path / "p.yaml").write_text("train: {inputs: [x.h5]}\n")
+    with pytest.raises(ConfigError, match="stage 'predict' needs the section"):
+        Pipeline(tmp_path / "p.yaml").run(["predict"])
+    with pytest.raises(ConfigError, match="unknown stage 'trian'"):
+        Pipeline(tmp_path / "p.yaml").run(["trian"])
