@@ -1,0 +1,521 @@
+"""Tests of cmsmlkit.data.hdf5: the HDF5 file contract, columns(), read_info()."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import awkward as ak
+import h5py
+import numpy as np
+import pytest
+
+import cmsmlkit
+from cmsmlkit.config import ConvertConfig, SkimConfig
+from cmsmlkit.data import hdf5
+from cmsmlkit.data.hdf5 import HDF5Writer, columns, read_info
+from cmsmlkit.errors import ConfigError, DataError, InputFileError
+
+DATASETS = {
+    # name: (n events, label, is_mc, xsec, sumw, seed)
+    "ttbar": (60, "signal", True, 800.0, 120.0, 1),
+    "dy": (40, "background", True, 6000.0, 25.0, 2),
+    "data": (30, "background", False, None, None, 3),
+}
+
+
+def make_events(n: int, seed: int, is_mc: bool = True, run: int = 1) -> ak.Array:
+    """A skimmed dataset: jagged GoodJet(pt, eta), scalar ht, event ids and genWeight."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 7, n)
+    total = int(counts.sum())
+    pt = ak.unflatten(rng.exponential(40.0, total).astype(np.float32) + 20, counts)
+    eta = ak.unflatten(rng.uniform(-2.4, 2.4, total).astype(np.float32), counts)
+    genweight = rng.normal(1.0, 0.2, n) if is_mc else np.ones(n)
+    return ak.zip(
+        {
+            "GoodJet": ak.zip({"pt": pt, "eta": eta}),
+            "ht": ak.sum(pt, axis=1),
+            "run": np.full(n, run, dtype=np.int64),
+            "luminosityBlock": np.arange(n, dtype=np.int64) // 10 + 1,
+            "event": np.arange(n, dtype=np.int64) + 1000 * seed,
+            "genWeight": genweight,
+        },
+        depth_limit=1,
+    )
+
+
+def make_skim(datasets=DATASETS) -> types.SimpleNamespace:
+    arrays, metadata, cutflow = {}, {}, {}
+    for name, (n, label, is_mc, xsec, sumw, seed) in datasets.items():
+        arrays[name] = make_events(n, seed, is_mc)
+        metadata[name] = {
+            "dataset": name,
+            "label": label,
+            "is_mc": is_mc,
+            "xsec": xsec,
+            "sumw": sumw if sumw is not None else float(n),
+            "files": [f"/store/{name}_{i}.root" for i in range(2)],
+        }
+        cutflow[name] = {"all": {"events": 2 * n, "sumw": sumw}, "num(GoodJet) >= 0": {"events": n}}
+    return types.SimpleNamespace(
+        arrays=arrays, metadata=metadata, cutflow=cutflow, class_names=["signal", "background"]
+    )
+
+
+def read_all(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
+
+
+@pytest.fixture
+def skim():
+    return make_skim()
+
+
+def test_file_layout_dtypes_shapes_and_values(tmp_path, skim):
+    path = HDF5Writer(output=str(tmp_path / "out" / "data.h5"), shuffle=False).write(skim)
+    assert path == tmp_path / "out" / "data.h5"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["data.h5"]
+    cols = read_all(path)
+    n = 60 + 40 + 30
+    counts = np.concatenate([ak.to_numpy(ak.num(skim.arrays[d].GoodJet)) for d in DATASETS])
+    max_len = int(np.quantile(counts, 0.95, method="inverted_cdf"))
+    expected = {
+        "scalars/ht": ((n,), np.float32),
+        "objects/GoodJet/pt": ((n, max_len), np.float32),
+        "objects/GoodJet/eta": ((n, max_len), np.float32),
+        "objects/GoodJet/mask": ((n, max_len), np.bool_),
+        "label": ((n,), np.int64),
+        "weight": ((n,), np.float32),
+        "event_id": ((n, 3), np.int64),
+        "dataset": ((n,), np.int64),
+    }
+    assert set(cols) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert cols[key].shape == shape, key
+        assert cols[key].dtype == dtype, key
+    mask = cols["objects/GoodJet/mask"]
+    np.testing.assert_array_equal(mask.sum(axis=1), np.minimum(counts, max_len))
+    # real slots first, in descending pt; padded slots hold 0
+    pt = cols["objects/GoodJet/pt"]
+    assert np.all(pt[~mask] == 0) and np.all(pt[mask] >= 20)
+    assert np.all((pt[:, :-1] >= pt[:, 1:])[mask[:, 1:]])
+    assert np.all(mask[:, :-1] >= mask[:, 1:])  # no hole before a real object
+    # leading jet pt equals the per-event maximum
+    has = counts > 0
+    allpt = ak.concatenate([skim.arrays[d].GoodJet.pt for d in DATASETS])
+    np.testing.assert_allclose(pt[has, 0], ak.to_numpy(ak.max(allpt, axis=1))[has])
+    np.testing.assert_allclose(cols["scalars/ht"], ak.to_numpy(ak.sum(allpt, axis=1)), rtol=1e-6)
+    np.testing.assert_array_equal(cols["label"], [0] * 60 + [1] * 70)
+    np.testing.assert_array_equal(cols["dataset"], [0] * 60 + [1] * 40 + [2] * 30)
+    np.testing.assert_array_equal(cols["event_id"][:60, 0], np.ones(60))
+    np.testing.assert_array_equal(
+        cols["event_id"][60:, 2], np.r_[np.arange(40) + 2000, np.arange(30) + 3000]
+    )
+    np.testing.assert_array_equal(cols["event_id"][:12, 1], [1] * 10 + [2] * 2)
+    with h5py.File(path) as f:
+        assert json.loads(f["label"].attrs["class_names"]) == ["signal", "background"]
+        assert f["objects/GoodJet/pt"].compression == "lzf"
+        assert f["objects/GoodJet/pt"].chunks == (n, max_len)
+        assert f["weight"].chunks == (n,)
+
+
+def test_weights_are_normalised_to_xsec_times_lumi(tmp_path, skim):
+    path = HDF5Writer(output=str(tmp_path / "w.h5"), lumi=2.5, shuffle=False).write(skim)
+    weight = read_all(path)["weight"]
+    gw = {d: ak.to_numpy(skim.arrays[d].genWeight) for d in DATASETS}
+    np.testing.assert_allclose(weight[:60], gw["ttbar"] * 800.0 * 2.5 / 120.0, rtol=1e-6)
+    np.testing.assert_allclose(weight[60:100], gw["dy"] * 6000.0 * 2.5 / 25.0, rtol=1e-6)
+    np.testing.assert_array_equal(weight[100:], np.ones(30, np.float32))  # collision data
+    # summed weight of a dataset = xsec * lumi * (sum of selected genWeight / sumw)
+    assert weight[:60].sum() == pytest.approx(800.0 * 2.5 * gw["ttbar"].sum() / 120.0, rel=1e-5)
+
+
+def test_mc_without_xsec_keeps_genweight_and_missing_sumw_is_an_error(tmp_path, skim):
+    skim.metadata["dy"]["xsec"] = None
+    path = HDF5Writer(output=str(tmp_path / "w.h5"), shuffle=False).write(skim)
+    np.testing.assert_allclose(
+        read_all(path)["weight"][60:100], ak.to_numpy(skim.arrays["dy"].genWeight), rtol=1e-6
+    )
+    del skim.metadata["ttbar"]["sumw"]
+    with pytest.raises(DataError, match="dataset 'ttbar' has a cross-section but no 'sumw'"):
+        HDF5Writer(output=str(tmp_path / "x.h5")).write(skim)
+    skim.metadata["ttbar"]["sumw"] = 0.0
+    with pytest.raises(DataError, match="dataset 'ttbar': the sum of genWeight before cuts is 0.0"):
+        HDF5Writer(output=str(tmp_path / "x.h5")).write(skim)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_root_attrs_decoded_by_read_info(tmp_path, skim):
+    skim_cfg = SkimConfig(collections={"GoodJet": ["pt", "eta"]})
+    path = HDF5Writer(
+        output=str(tmp_path / "d.h5"), collections={"GoodJet": {"max_len": 4, "pad_value": -1}}
+    ).write(skim, skim_config=skim_cfg)
+    info = read_info(path)
+    assert info["file"] == str(path)
+    assert info["cmsmlkit_version"] == cmsmlkit.__version__
+    assert info["n_events"] == 130
+    assert info["class_names"] == ["signal", "background"]
+    assert info["padding"]["GoodJet"]["max_len"] == 4
+    assert info["padding"]["GoodJet"]["sort_by"] == "pt"
+    assert info["padding"]["GoodJet"]["pad_value"] == -1.0
+    assert info["padding"]["GoodJet"]["fields"] == ["pt", "eta"]
+    counts = np.concatenate([ak.to_numpy(ak.num(skim.arrays[d].GoodJet)) for d in DATASETS])
+    assert info["padding"]["GoodJet"]["n_truncated"] == int(np.sum(counts > 4))
+    assert info["config"]["collections"]["GoodJet"]["max_len"] == 4
+    assert info["config"]["compression"] == "lzf"  # the full config, defaults included
+    assert ConvertConfig.model_validate(info["config"]).collections["GoodJet"].pad_value == -1.0
+    assert info["skim_config"]["collections"] == {"GoodJet": ["pt", "eta"]}
+    assert info["input_files"][:3] == [
+        "/store/ttbar_0.root",
+        "/store/ttbar_1.root",
+        "/store/dy_0.root",
+    ]
+    assert len(info["input_files"]) == 6
+    assert info["cutflow"]["dy"]["all"] == {"events": 80, "sumw": 25.0}
+    assert info["sumw"] == {"ttbar": 120.0, "dy": 25.0, "data": 30.0}
+    assert info["datasets"] == [
+        {"name": "ttbar", "label": "signal", "n_events": 60, "xsec": 800.0, "is_mc": True},
+        {"name": "dy", "label": "background", "n_events": 40, "xsec": 6000.0, "is_mc": True},
+        {"name": "data", "label": "background", "n_events": 30, "xsec": None, "is_mc": False},
+    ]
+    assert info["created"].endswith("+00:00")
+    assert info["paths"]["objects/GoodJet/mask"] == ((130, 4), "bool")
+    assert info["paths"]["event_id"] == ((130, 3), "int64")
+    assert set(info["paths"]) == {
+        "scalars/ht", "objects/GoodJet/pt", "objects/GoodJet/eta", "objects/GoodJet/mask",
+        "label", "weight", "event_id", "dataset",
+    }  # fmt: skip
+    with h5py.File(path) as f:
+        pt, mask = f["objects/GoodJet/pt"][()], f["objects/GoodJet/mask"][()]
+    assert np.all(pt[~mask] == -1.0)
+    assert read_info(path)["skim_config"] is not None
+    plain = HDF5Writer(output=str(tmp_path / "plain.h5")).write(skim)
+    assert read_info(plain)["skim_config"] is None
+
+
+def test_shuffle_is_reproducible_and_mixes_datasets(tmp_path, skim):
+    a = read_all(HDF5Writer(output=str(tmp_path / "a.h5"), seed=3).write(skim))
+    b = read_all(HDF5Writer(output=str(tmp_path / "b.h5"), seed=3).write(skim))
+    c = read_all(HDF5Writer(output=str(tmp_path / "c.h5"), seed=4).write(skim))
+    ordered = read_all(HDF5Writer(output=str(tmp_path / "o.h5"), shuffle=False).write(skim))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["dataset"], c["dataset"])
+    # the first 30 rows hold events of every dataset
+    assert set(a["dataset"][:30].tolist()) == {0, 1, 2}
+    assert np.all(np.diff(ordered["dataset"]) >= 0)
+    # the same rows, permuted together: sort both by (dataset, event) and compare
+    for cols in (a, ordered):
+        order = np.lexsort((cols["event_id"][:, 2], cols["dataset"]))
+        for key in cols:
+            cols[key] = cols[key][order]
+    for key in a:
+        np.testing.assert_array_equal(a[key], ordered[key])
+
+
+def test_max_len_chosen_once_over_all_datasets(tmp_path):
+    skim = make_skim()
+    # one dataset with many jets: L follows the union, with quantile 1 the overall maximum
+    skim.arrays["dy"] = ak.zip(
+        {**{k: skim.arrays["dy"][k] for k in ak.fields(skim.arrays["dy"]) if k != "GoodJet"},
+         "GoodJet": ak.zip({"pt": ak.Array([[50.0] * 11] + [[]] * 39), "eta": ak.Array([[0.0] * 11] + [[]] * 39)})},
+        depth_limit=1,
+    )  # fmt: skip
+    path = HDF5Writer(
+        output=str(tmp_path / "q.h5"), collections={"GoodJet": {"quantile": 1.0}}
+    ).write(skim)
+    info = read_info(path)
+    assert info["padding"]["GoodJet"]["max_len"] == 11
+    assert info["padding"]["GoodJet"]["n_truncated"] == 0
+    assert info["paths"]["objects/GoodJet/pt"] == ((130, 11), "float32")
+
+
+def test_failed_write_leaves_no_tmp_and_old_file_untouched(tmp_path, skim, monkeypatch):
+    out = tmp_path / "data.h5"
+    out.write_bytes(b"previous content")
+    calls = []
+    real_create = hdf5._create
+
+    def failing_create(group, key, array, compression):
+        calls.append(key)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        real_create(group, key, array, compression)
+
+    monkeypatch.setattr(hdf5, "_create", failing_create)
+    with pytest.raises(OSError, match="disk full"):
+        HDF5Writer(output=str(out)).write(skim)
+    assert len(calls) == 3
+    assert out.read_bytes() == b"previous content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
+    monkeypatch.setattr(hdf5, "_create", real_create)
+    HDF5Writer(output=str(out)).write(skim)
+    assert read_info(out)["n_events"] == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
+
+
+def test_unknown_collection_names_the_present_ones(tmp_path, skim):
+    writer = HDF5Writer(output=str(tmp_path / "u.h5"), collections={"GoodJets": {"max_len": 4}})
+    with pytest.raises(ConfigError) as info:
+        writer.write(skim)
+    text = str(info.value)
+    assert "dataset 'ttbar': convert.collections names 'GoodJets'" in text
+    assert "collections present: GoodJet" in text
+    assert "Did you mean 'GoodJet'?" in text
+    assert not (tmp_path / "u.h5").exists()
+
+
+def test_unknown_scalar_or_field_is_a_config_error(skim):
+    events = skim.arrays["ttbar"]
+    with pytest.raises(
+        ConfigError,
+        match="convert.scalars entry 'htt' is not in the data \\(available: ht\\). Did you mean 'ht'",
+    ):
+        columns(events, ConvertConfig(scalars=["htt"]))
+    with pytest.raises(
+        ConfigError,
+        match="convert.collections.GoodJet.fields entry 'phi' is not in the data \\(available: pt, eta\\)",
+    ):
+        columns(events, ConvertConfig(collections={"GoodJet": {"fields": ["phi"]}}))
+    with pytest.raises(ConfigError, match="cannot sort objects by 'mass'"):
+        columns(events, ConvertConfig(collections={"GoodJet": {"sort_by": "mass"}}))
+
+
+def test_nan_scalar_is_a_data_error(tmp_path, skim):
+    ht = ak.to_numpy(skim.arrays["dy"].ht).copy()
+    ht[[3, 7]] = np.nan
+    ht[9] = np.inf
+    skim.arrays["dy"] = ak.with_field(skim.arrays["dy"], ht, "ht")
+    with pytest.raises(DataError) as info:
+        HDF5Writer(output=str(tmp_path / "n.h5")).write(skim)
+    text = str(info.value)
+    assert "dataset 'dy': scalar 'ht' has 3 non-finite values out of 40 events" in text
+    assert "2 NaN or missing, 1 inf; first at event 3" in text
+    assert not (tmp_path / "n.h5").exists()
+    # dropping the scalar from convert.scalars writes the file
+    path = HDF5Writer(output=str(tmp_path / "n.h5"), scalars=[]).write(skim)
+    assert "scalars/ht" not in read_info(path)["paths"]
+
+
+def test_zero_events_still_a_valid_file(tmp_path, caplog):
+    skim = make_skim(
+        {"ttbar": (0, "signal", True, 800.0, 10.0, 1), "dy": (0, "background", True, 1.0, 5.0, 2)}
+    )
+    path = HDF5Writer(output=str(tmp_path / "z.h5"), collections={"GoodJet": {"max_len": 5}}).write(
+        skim
+    )
+    assert "no events to write" in caplog.text
+    info = read_info(path)
+    assert info["n_events"] == 0
+    assert info["paths"]["objects/GoodJet/pt"] == ((0, 5), "float32")
+    assert info["paths"]["objects/GoodJet/mask"] == ((0, 5), "bool")
+    assert info["paths"]["event_id"] == ((0, 3), "int64")
+    assert info["paths"]["scalars/ht"] == ((0,), "float32")
+    default = read_info(HDF5Writer(output=str(tmp_path / "z1.h5")).write(skim))
+    assert default["padding"]["GoodJet"]["max_len"] == 1
+    assert default["paths"]["objects/GoodJet/eta"] == ((0, 1), "float32")
+
+
+def test_columns_with_max_lens_pads_like_the_bundle(skim):
+    events = skim.arrays["ttbar"]
+    cols, padding = columns(events, ConvertConfig(), max_lens={"GoodJet": 2})
+    assert sorted(cols) == [
+        "objects/GoodJet/eta",
+        "objects/GoodJet/mask",
+        "objects/GoodJet/pt",
+        "scalars/ht",
+    ]
+    assert cols["objects/GoodJet/pt"].shape == (60, 2)
+    assert cols["objects/GoodJet/mask"].dtype == np.bool_
+    assert cols["scalars/ht"].dtype == np.float32
+    counts = ak.to_numpy(ak.num(events.GoodJet))
+    assert padding == {
+        "GoodJet": {
+            "max_len": 2, "sort_by": "pt", "pad_value": 0.0, "fields": ["pt", "eta"],
+            "n_truncated": int(np.sum(counts > 2)),
+        }
+    }  # fmt: skip
+    # max_lens wins over the config's max_len; unnamed collections keep the config's
+    cols, padding = columns(
+        events, ConvertConfig(collections={"GoodJet": {"max_len": 5}}), {"GoodJet": 3}
+    )
+    assert cols["objects/GoodJet/eta"].shape == (60, 3)
+    cols, _ = columns(
+        events, ConvertConfig(collections={"GoodJet": {"max_len": 5, "fields": ["e*"]}})
+    )
+    assert sorted(cols) == ["objects/GoodJet/eta", "objects/GoodJet/mask", "scalars/ht"]
+    assert cols["objects/GoodJet/eta"].shape == (60, 5)
+    # bookkeeping fields never become scalars
+    assert not any(k.startswith("scalars/") and k != "scalars/ht" for k in cols)
+
+
+@pytest.mark.parametrize(
+    ("compression", "filter_name", "opts"), [("gzip", "gzip", 4), ("none", None, None)]
+)
+def test_compression_choices(tmp_path, skim, compression, filter_name, opts):
+    path = HDF5Writer(output=str(tmp_path / "c.h5"), compression=compression).write(skim)
+    with h5py.File(path) as f:
+        assert f["objects/GoodJet/pt"].compression == filter_name
+        assert f["objects/GoodJet/pt"].compression_opts == opts
+        assert f["scalars/ht"].chunks == (130,)
+
+
+def test_chunks_hold_many_contiguous_rows(tmp_path):
+    skim = make_skim(
+        {
+            "big": (40_000, "signal", True, 1.0, 4e4, 5),
+            "small": (10, "background", False, None, None, 6),
+        }
+    )
+    path = HDF5Writer(
+        output=str(tmp_path / "big.h5"), collections={"GoodJet": {"max_len": 4}}
+    ).write(skim)
+    with h5py.File(path) as f:
+        assert f["objects/GoodJet/pt"].chunks == (32768, 4)
+        assert f["event_id"].chunks == (32768, 3)
+        assert f["label"].shape == (40_010,)
+        assert f["label"][()].sum() == 10
+
+
+def test_labels_missing_and_unknown(tmp_path, skim):
+    skim.metadata["dy"]["label"] = "backgorund"
+    with pytest.raises(
+        DataError,
+        match="dataset 'dy' has label 'backgorund', which is not among the class names \\['signal', 'background'\\]. Did you mean 'background'",
+    ):
+        HDF5Writer(output=str(tmp_path / "l.h5")).write(skim)
+    del skim.metadata["dy"]["label"]
+    with pytest.raises(DataError, match="dataset 'dy' has no 'label' in its metadata"):
+        HDF5Writer(output=str(tmp_path / "l.h5")).write(skim)
+    # without class_names, classes are numbered in order of first appearance
+    skim = make_skim()
+    skim.class_names = []
+    skim.metadata["ttbar"]["label"] = "tt"
+    info = read_info(HDF5Writer(output=str(tmp_path / "l.h5")).write(skim))
+    assert info["class_names"] == ["tt", "background"]
+
+
+def test_constructor_and_repr(tmp_path):
+    writer = HDF5Writer(
+        {"output": "x.h5", "collections": {"GoodJet": {"max_len": 6}}}, compression="gzip"
+    )
+    assert writer.config.compression == "gzip"
+    assert repr(writer) == (
+        "HDF5Writer(output='x.h5', collections={'GoodJet': 6}, scalars=['*'], "
+        "compression='gzip', shuffle=True, seed=42)"
+    )
+    assert repr(HDF5Writer(collections={"Muon": {}})).startswith(
+        "HDF5Writer(output='data.h5', collections={'Muon': 'q0.95'}"
+    )
+    with pytest.raises(ConfigError, match="unknown key 'compresion'. Did you mean 'compression'"):
+        HDF5Writer(compresion="gzip")
+    with pytest.raises(ConfigError, match="'compression' must be one of"):
+        HDF5Writer(compression="zstd")
+    with pytest.raises(ConfigError, match="takes a SkimResult .* not a list"):
+        HDF5Writer(output=str(tmp_path / "y.h5")).write([1, 2])
+
+
+def test_read_info_errors(tmp_path):
+    with pytest.raises(InputFileError, match=f"HDF5 file {tmp_path / 'nope.h5'} does not exist"):
+        read_info(tmp_path / "nope.h5")
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not hdf5 at all")
+    with pytest.raises(InputFileError, match=f"{bad} is not a readable HDF5 file"):
+        read_info(bad)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(InputFileError, match="was not written by cmsmlkit's HDF5Writer"):
+        read_info(other)
+    partial = tmp_path / "partial.h5"
+    with h5py.File(partial, "w") as f:
+        f.attrs["cmsmlkit_version"] = "0.1.0"
+        f["weight"] = np.ones(3, np.float32)
+    with pytest.raises(InputFileError, match="the dataset '/label' is missing"):
+        read_info(partial)
+
+
+def test_fileset_is_skimmed_first(tmp_path, monkeypatch, skim):
+    """A fileset dict goes through Skimmer (stubbed here) with the default SkimConfig."""
+    seen = {}
+
+    class FakeSkimmer:
+        def __init__(self, config, cluster=None):
+            seen["config"] = config
+
+        def run(self, fileset):
+            seen["fileset"] = fileset
+            return skim
+
+    import sys
+
+    fake = types.ModuleType("cmsmlkit.data.skim")
+    fake.Skimmer = FakeSkimmer
+    monkeypatch.setitem(sys.modules, "cmsmlkit.data.skim", fake)
+    fileset = {"ttbar": {"files": {"a.root": "Events"}, "metadata": {"label": "signal"}}}
+    path = HDF5Writer(output=str(tmp_path / "f.h5"), collections={"GoodJet": {"max_len": 3}}).write(
+        fileset
+    )
+    assert seen["fileset"] is fileset
+    assert seen["config"].collections == {"GoodJet": ["*"]}
+    info = read_info(path)
+    assert info["n_events"] == 130
+    assert info["skim_config"]["collections"] == {"GoodJet": ["*"]}
+
+
+def test_real_nanoaod_through_skimmer(tmp_path, nanoaod_dir):
+    from cmsmlkit.data.skim import Skimmer
+
+    skim_cfg = SkimConfig(
+        selection={
+            "objects": {"GoodJet": {"from": "Jet", "where": "pt > 20"}},
+            "variables": {"met": "MET.pt"},
+        },
+        collections={"GoodJet": ["pt", "eta", "phi"]},
+    )
+    fileset = {
+        "dy": {
+            "files": {str(nanoaod_dir / "nano_dy.root"): "Events"},
+            "metadata": {"dataset": "dy", "label": "background", "is_mc": True, "xsec": 6077.2},
+        }
+    }
+    result = Skimmer(skim_cfg).run(fileset)
+    path = HDF5Writer(
+        output=str(tmp_path / "dy.h5"), collections={"GoodJet": {"max_len": 4}}
+    ).write(result, skim_config=skim_cfg)
+    info = read_info(path)
+    assert info["n_events"] == 40
+    assert info["class_names"] == ["background"]
+    assert info["paths"]["objects/GoodJet/pt"] == ((40, 4), "float32")
+    assert info["paths"]["scalars/met"] == ((40,), "float32")
+    assert info["input_files"] == [str(nanoaod_dir / "nano_dy.root")]
+    cols = read_all(path)
+    import uproot
+
+    with uproot.open(nanoaod_dir / "nano_dy.root") as f:
+        raw = f["Events"].arrays(["Jet_pt", "MET_pt", "event", "genWeight"])
+    order = np.argsort(cols["event_id"][:, 2])
+    assert np.array_equal(np.sort(cols["event_id"][:, 2]), np.sort(ak.to_numpy(raw.event)))
+    raw_order = np.argsort(ak.to_numpy(raw.event))
+    np.testing.assert_allclose(
+        cols["scalars/met"][order], ak.to_numpy(raw.MET_pt)[raw_order], rtol=1e-6
+    )
+    n_good = ak.to_numpy(ak.sum(raw.Jet_pt > 20, axis=1))[raw_order]
+    np.testing.assert_array_equal(
+        cols["objects/GoodJet/mask"][order].sum(axis=1), np.minimum(n_good, 4)
+    )
+    lead = ak.to_numpy(ak.fill_none(ak.max(raw.Jet_pt[raw.Jet_pt > 20], axis=1), 0.0))[raw_order]
+    np.testing.assert_allclose(cols["objects/GoodJet/pt"][order][:, 0], lead, rtol=1e-6)
+    sumw = float(np.sum(ak.to_numpy(raw.genWeight)))
+    assert info["sumw"]["dy"] == pytest.approx(sumw, rel=1e-6)
+    gw = ak.to_numpy(raw.genWeight)[raw_order]
+    np.testing.assert_allclose(cols["weight"][order], gw * 6077.2 / sumw, rtol=1e-5)
