@@ -6,7 +6,7 @@ and any other ML tool read::
     /scalars/<name>            float32 [N]     one dataset per event variable
     /objects/<Coll>/<field>    float32 [N, L]  padded; L = max_len of Coll
     /objects/<Coll>/mask       bool    [N, L]  True where a real object sits
-    /label                     int64   [N]     attrs: class_names (JSON)
+    /label                     int64   [N]     attrs: class_names (strings)
     /weight                    float32 [N]     genWeight x xsec x lumi / sumw
     /event_id                  int64   [N, 3]  run, luminosityBlock, event
     /dataset                   int64   [N]     index into the root attr datasets
@@ -480,7 +480,7 @@ class HDF5Writer:
                     )
                 for key, array in tables.items():
                     _create(f, key, array, self.config.compression)
-                f["label"].attrs["class_names"] = json.dumps(class_names)
+                f["label"].attrs["class_names"] = list(class_names)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

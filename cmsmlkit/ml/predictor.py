@@ -211,7 +211,9 @@ class Predictor:
             collections={
                 coll: {k: spec[k] for k in ("max_len", "sort_by", "pad_value", "fields") if k in spec}
                 for coll, spec in padding.items()
-            }
+            },
+            # Only the scalars the model reads: a NaN in an unused variable must not stop scoring.
+            scalars=[f.name for f in self.bundle.features if f.collection is None],
         )
         cols, _ = columns(events, convert, max_lens={c: int(s["max_len"]) for c, s in padding.items()})
         scores = self.bundle.predict_proba(cols, batch_size=self.config.batch_size)

@@ -122,7 +122,7 @@ def test_file_layout_dtypes_shapes_and_values(tmp_path, skim):
     )
     np.testing.assert_array_equal(cols["event_id"][:12, 1], [1] * 10 + [2] * 2)
     with h5py.File(path) as f:
-        assert json.loads(f["label"].attrs["class_names"]) == ["signal", "background"]
+        assert list(f["label"].attrs["class_names"]) == ["signal", "background"]
         assert f["objects/GoodJet/pt"].compression == "lzf"
         assert f["objects/GoodJet/pt"].chunks == (n, max_len)
         assert f["weight"].chunks == (n,)
