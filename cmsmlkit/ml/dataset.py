@@ -22,21 +22,28 @@ mapping (``{"scalars/ht": array, "objects/GoodJet/pt": array, ...}``).
 from __future__ import annotations
 
 import fnmatch
+import glob
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, did_you_mean
+from ..errors import ConfigError, DataError, InputFileError, did_you_mean
 
 __all__ = [
     "FeatureSpec",
     "Standardiser",
+    "InputData",
     "available_features",
     "resolve_features",
     "feature_matrix",
     "check_finite",
+    "split_indices",
+    "expand_inputs",
+    "load_inputs",
 ]
 
 
@@ -58,7 +65,12 @@ class FeatureSpec:
         return f"objects/{self.collection}/mask" if self.collection else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "length": self.length, "collection": self.collection}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "length": self.length,
+            "collection": self.collection,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
@@ -115,7 +127,9 @@ def resolve_features(
     """
     available = available_features(columns)
     if not available:
-        raise DataError(f"{source} holds no /scalars or /objects datasets: is it a cmsmlkit HDF5 file?")
+        raise DataError(
+            f"{source} holds no /scalars or /objects datasets: is it a cmsmlkit HDF5 file?"
+        )
     chosen: list[FeatureSpec] = []
     for pattern in patterns:
         matches = [spec for name, spec in available.items() if fnmatch.fnmatchcase(name, pattern)]
@@ -170,7 +184,11 @@ def feature_matrix(
 
 
 def check_finite(
-    X: np.ndarray, valid: np.ndarray, features: Sequence[FeatureSpec], *, source: str = "the input data"
+    X: np.ndarray,
+    valid: np.ndarray,
+    features: Sequence[FeatureSpec],
+    *,
+    source: str = "the input data",
 ) -> None:
     """Raise :class:`DataError` naming each feature that holds NaN or infinity in a real entry."""
     bad = ~np.isfinite(X) & valid
@@ -232,7 +250,9 @@ class Standardiser:
     def transform(self, X: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Standardised float32 rows; padded (invalid) slots set to 0."""
         if X.shape[1] != self.n_inputs:
-            raise DataError(f"input rows have {X.shape[1]} columns, the standardisation expects {self.n_inputs}.")
+            raise DataError(
+                f"input rows have {X.shape[1]} columns, the standardisation expects {self.n_inputs}."
+            )
         mean, std = self._expanded()
         out = ((X - mean) / std).astype(np.float32)
         out[~valid] = 0.0
@@ -252,3 +272,307 @@ class Standardiser:
 
     def __repr__(self) -> str:
         return f"Standardiser({len(self.names)} features, {self.n_inputs} inputs)"
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_indices(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Split events into training, validation and test sets, stratified per class.
+
+    Each class is shuffled with a generator seeded by ``seed`` and cut into the
+    three fractions (at least one event per class in every split), so every
+    split holds the classes in the proportions of the whole sample.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``[N]`` integer class index of each event.
+    val_fraction, test_fraction : float
+        Fractions of each class for validation and test; the rest trains.
+    seed : int
+        Seed of the shuffle: the same seed gives the same split.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``{"train": idx, "val": idx, "test": idx}``, each sorted ascending, disjoint,
+        together covering every event.
+
+    Raises
+    ------
+    DataError
+        A class has too few events to put one in every split.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> parts = split_indices(np.array([0] * 10 + [1] * 10), 0.2, 0.2, seed=1)
+    >>> [len(parts[k]) for k in ("train", "val", "test")]
+    [12, 4, 4]
+    """
+    labels = np.asarray(labels)
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"val_fraction = {val_fraction:g} and test_fraction = {test_fraction:g} must each lie in "
+            "(0, 1) and leave events for training."
+        )
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        n = len(members)
+        n_val = max(1, int(round(n * val_fraction)))
+        n_test = max(1, int(round(n * test_fraction)))
+        if n - n_val - n_test < 1:
+            raise DataError(
+                f"class {int(cls)} has only {n} events: too few for a training, a validation and a "
+                "test split (at least 3 are needed, many more to learn anything); add events of "
+                "this class or drop it."
+            )
+        members = rng.permutation(members)
+        parts["val"].append(members[:n_val])
+        parts["test"].append(members[n_val : n_val + n_test])
+        parts["train"].append(members[n_val + n_test :])
+    return {
+        key: np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.int64)
+        for key, chunks in parts.items()
+    }
+
+
+# --------------------------------------------------------------------------- HDF5 inputs
+
+
+@dataclass
+class InputData:
+    """The events of one or more cmsmlkit HDF5 files, as the Trainer needs them.
+
+    Attributes
+    ----------
+    X : numpy.ndarray
+        ``[N, D]`` float32 raw input rows (:func:`feature_matrix` order).
+    valid : numpy.ndarray
+        ``[N, D]`` bool, True where ``X`` holds a real (not padded) value.
+    labels : numpy.ndarray
+        ``[N]`` int64 class index.
+    weights : numpy.ndarray
+        ``[N]`` float32 event weight (``/weight``).
+    event_id : numpy.ndarray
+        ``[N, 3]`` int64 run, luminosityBlock, event.
+    features : list of FeatureSpec
+        The input features, in column order.
+    class_names : list of str
+        Class name of each label index.
+    padding : dict
+        The padding of the object collections (root attribute ``padding``).
+    skim_config, convert_config : dict or None
+        The Skimmer's and HDF5Writer's configurations, when recorded.
+    provenance : dict
+        ``{"inputs": [{"path", "sha256", "n_events"}, ...]}``.
+
+    Examples
+    --------
+    >>> data = load_inputs(["data.h5"], ["ht", "GoodJet.*"])  # doctest: +SKIP
+    >>> data
+    InputData(12000 events, 2 classes ['signal', 'background'], 13 inputs from 1 file)
+    """
+
+    X: np.ndarray
+    valid: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    event_id: np.ndarray
+    features: list[FeatureSpec]
+    class_names: list[str]
+    padding: dict[str, Any] = field(default_factory=dict)
+    skim_config: dict[str, Any] | None = None
+    convert_config: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_events(self) -> int:
+        """Number of events (rows)."""
+        return int(self.X.shape[0])
+
+    @property
+    def n_inputs(self) -> int:
+        """Number of input columns ``D``."""
+        return int(self.X.shape[1])
+
+    def class_counts(self) -> dict[str, int]:
+        """Events per class name."""
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(n) for name, n in zip(self.class_names, counts, strict=True)}
+
+    def __repr__(self) -> str:
+        n_files = len(self.provenance.get("inputs", []))
+        return (
+            f"InputData({self.n_events} events, {len(self.class_names)} classes {self.class_names}, "
+            f"{self.n_inputs} inputs from {n_files} file{'s' if n_files != 1 else ''})"
+        )
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand globs (each sorted) and check the files exist; duplicates are kept once."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for entry in paths:
+        text = str(entry)
+        if glob.has_magic(text):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise InputFileError(
+                    f"train.inputs: the pattern '{text}' matches no file (working directory: {Path.cwd()})."
+                )
+            candidates = [Path(m) for m in matches]
+        else:
+            candidates = [Path(text)]
+        for path in candidates:
+            if not path.is_file():
+                near = (
+                    did_you_mean(path.name, [p.name for p in path.parent.glob("*.h5")])
+                    if path.parent.is_dir()
+                    else ""
+                )
+                raise InputFileError(
+                    f"input file {path} does not exist (working directory: {Path.cwd()}).{near}"
+                )
+            if path not in files:
+                files.append(path)
+    if not files:
+        raise ConfigError(
+            "train.inputs is empty: list the HDF5 files written by HDF5Writer (cmsml convert)."
+        )
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _class_names(info: Mapping[str, Any], path: Path) -> list[str]:
+    names = info.get("class_names")
+    if not names:
+        raise InputFileError(
+            f"{path} records no class_names (root attribute); write it again with HDF5Writer."
+        )
+    return [str(n) for n in names]
+
+
+def load_inputs(paths: Sequence[str | Path], patterns: Sequence[str]) -> InputData:
+    """Read the features, labels and weights of one or more cmsmlkit HDF5 files.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        HDF5 files written by :class:`~cmsmlkit.data.hdf5.HDF5Writer`, or globs
+        (each expanded in sorted order).
+    patterns : sequence of str
+        Feature names or wildcards (``ht``, ``GoodJet.*``, ``*``), resolved on
+        the first file; every other file must hold the same features.
+
+    Returns
+    -------
+    InputData
+        All events of all files, in file order.
+
+    Raises
+    ------
+    InputFileError
+        A file is missing, not HDF5, or not written by cmsmlkit.
+    DataError
+        Files disagree on class names or features, a feature holds NaN or
+        infinity, or all events belong to one class.
+    ConfigError
+        A feature pattern matches nothing (close matches are listed).
+
+    Examples
+    --------
+    >>> data = load_inputs(["sig.h5", "bkg.h5"], ["*"])  # doctest: +SKIP
+    >>> data.X.shape, data.class_names  # doctest: +SKIP
+    ((20000, 13), ['signal', 'background'])
+    """
+    import h5py
+
+    from ..data.hdf5 import read_info
+
+    files = expand_inputs(paths)
+    infos = [read_info(path) for path in files]
+    first, first_info = files[0], infos[0]
+    class_names = _class_names(first_info, first)
+    for path, info in zip(files[1:], infos[1:], strict=True):
+        other = _class_names(info, path)
+        if other != class_names:
+            raise DataError(
+                f"{first} has classes {class_names} but {path} has {other}: the label indices would "
+                "mean different classes. Convert all datasets into files with the same class list "
+                "(one HDF5Writer run, or the same source.datasets labels in the same order)."
+            )
+    with h5py.File(first, "r") as f:
+        features = resolve_features(list(patterns), f, source=str(first))
+    n_per_file = [int(info["paths"]["label"][0][0]) for info in infos]
+    n_total = sum(n_per_file)
+    n_inputs = int(sum(spec.length for spec in features))
+
+    X = np.empty((n_total, n_inputs), dtype=np.float32)
+    valid = np.empty((n_total, n_inputs), dtype=bool)
+    labels = np.empty(n_total, dtype=np.int64)
+    weights = np.empty(n_total, dtype=np.float32)
+    event_id = np.empty((n_total, 3), dtype=np.int64)
+    provenance: list[dict[str, Any]] = []
+    start = 0
+    for path, info, n in zip(files, infos, n_per_file, strict=True):
+        have = info["paths"]
+        for spec in features:
+            if spec.path not in have:
+                raise DataError(
+                    f"{path} has no feature '{spec.name}' ({spec.path}) although {first} has it; "
+                    "convert every input file with the same selection and variables."
+                )
+        stop = start + n
+        with h5py.File(path, "r") as f:
+            if n:
+                X[start:stop], valid[start:stop] = feature_matrix(f, features)
+                labels[start:stop] = f["label"][:]
+                weights[start:stop] = f["weight"][:]
+                event_id[start:stop] = f["event_id"][:]
+        bad = (labels[start:stop] < 0) | (labels[start:stop] >= len(class_names))
+        if bad.any():
+            raise DataError(
+                f"{path}: {int(bad.sum())} events have a label outside 0..{len(class_names) - 1} "
+                f"(classes {class_names}); write the file again."
+            )
+        provenance.append({"path": str(path.resolve()), "sha256": _sha256(path), "n_events": n})
+        start = stop
+
+    names = ", ".join(str(p) for p in files)
+    if n_total == 0:
+        raise DataError(f"{names} hold no events: nothing to train on; loosen the selection.")
+    check_finite(X, valid, features, source=names)
+    present = np.unique(labels)
+    if len(present) < 2:
+        only = class_names[int(present[0])]
+        raise DataError(
+            f"all {n_total} events of {names} are class '{only}'; the classifier needs at least two "
+            "classes: add a dataset with another label to source.datasets."
+        )
+    return InputData(
+        X=X,
+        valid=valid,
+        labels=labels,
+        weights=weights,
+        event_id=event_id,
+        features=features,
+        class_names=class_names,
+        padding=dict(first_info.get("padding") or {}),
+        skim_config=first_info.get("skim_config"),
+        convert_config=first_info.get("config"),
+        provenance={"inputs": provenance},
+    )
