@@ -1,0 +1,709 @@
+"""Checked selection expressions: parsed once, evaluated on arrays, never ``eval``-ed.
+
+An expression such as ``"num(GoodJet[GoodJet.btagDeepFlavB > 0.3]) >= 2"`` is
+parsed with :func:`ast.parse` and walked against a whitelist before any file is
+opened; evaluation walks the same tree over awkward or numpy arrays.
+
+What an expression may hold
+---------------------------
+- numbers and ``True``/``False``, the constant ``pi``;
+- names (``Jet``, ``MET``, ``genWeight``; in an object's ``where`` the bare
+  names are fields of the collection: ``pt > 25 & abs(eta) < 2.4``) and one
+  level of field access ``Coll.field``; nothing starting with ``_``;
+- subscripts: ``[:, 0]`` (the first object of every event), slices
+  ``[:, :2]``, and boolean masks ``GoodJet[GoodJet.pt > 50]``;
+- arithmetic ``+ - * / // % **``, unary ``-``, ``~`` and ``not``;
+- comparisons, chained ones too (``0 < x < 5``);
+- ``&``, ``|`` (and ``and``, ``or``) as elementwise logic. They bind *looser*
+  than comparisons, as in C++ and ``TTree::Draw``: ``pt > 25 & abs(eta) < 2.4``
+  means ``(pt > 25) & (abs(eta) < 2.4)``. On integers ``&`` stays a bitwise
+  and, so flag tests read ``(jetId & 2) > 0``;
+- calls of the functions in :data:`FUNCTIONS` only.
+
+Reductions (``num sum any all min max mean``) act per event on the innermost
+list (``axis=-1``): ``sum(GoodJet.pt)`` is the scalar sum per event. ``min``,
+``max`` and ``mean`` of an empty list give NaN (so a cut on them is False and
+a variable is NaN); ``sum`` of an empty list is 0, ``any`` False, ``all`` True.
+``min(a, b)`` and ``max(a, b)`` with two arguments are elementwise.
+
+>>> import awkward as ak
+>>> jets = ak.Array([[{"pt": 50.0}, {"pt": 20.0}], []])
+>>> parse("sum(Jet.pt[Jet.pt > 30])").evaluate({"Jet": jets}).tolist()
+[50.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+import tokenize
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import awkward as ak
+import numpy as np
+
+from ..errors import ExpressionError, closest
+
+__all__ = ["FUNCTIONS", "CONSTANTS", "Expression", "FieldNamespace", "parse"]
+
+#: Named constants an expression may use.
+CONSTANTS: dict[str, float] = {"pi": math.pi}
+
+
+# --------------------------------------------------------------------------- functions
+# Pure functions on arrays: each takes awkward/numpy arrays (or numbers) and returns one.
+
+
+def _is_list(x: Any) -> bool:
+    """True when ``x`` has a list per event (an awkward array of at least 2 dimensions)."""
+    return isinstance(x, ak.Array) and x.ndim >= 2
+
+
+def _need_list(name: str, x: Any) -> None:
+    if not _is_list(x):
+        what = "a number" if not isinstance(x, (ak.Array, np.ndarray)) else "one value per event"
+        raise _Usage(
+            f"{name}() reduces a list per event (e.g. {name}(GoodJet.pt)), but its argument is {what}"
+        )
+
+
+def _num(x: Any) -> Any:
+    _need_list("num", x)
+    return ak.num(x, axis=1)
+
+
+def _sum(x: Any) -> Any:
+    _need_list("sum", x)
+    return ak.sum(x, axis=-1)
+
+
+def _any(x: Any) -> Any:
+    _need_list("any", x)
+    return ak.any(x, axis=-1)
+
+
+def _all(x: Any) -> Any:
+    _need_list("all", x)
+    return ak.all(x, axis=-1)
+
+
+def _nan_for_empty(x: Any) -> Any:
+    return ak.fill_none(x, np.nan)
+
+
+def _min(x: Any, y: Any = None) -> Any:
+    if y is not None:
+        return np.minimum(x, y)
+    _need_list("min", x)
+    return _nan_for_empty(ak.min(x, axis=-1))
+
+
+def _max(x: Any, y: Any = None) -> Any:
+    if y is not None:
+        return np.maximum(x, y)
+    _need_list("max", x)
+    return _nan_for_empty(ak.max(x, axis=-1))
+
+
+def _mean(x: Any) -> Any:
+    _need_list("mean", x)
+    return _nan_for_empty(ak.mean(x, axis=-1))
+
+
+def _where(cond: Any, a: Any, b: Any) -> Any:
+    return ak.where(cond, a, b)
+
+
+def _clip(x: Any, lo: Any, hi: Any) -> Any:
+    return np.minimum(np.maximum(x, lo), hi)
+
+
+def delta_phi(phi1: Any, phi2: Any) -> Any:
+    """``phi1 - phi2`` wrapped into [-pi, pi)."""
+    return (phi1 - phi2 + np.pi) % (2 * np.pi) - np.pi
+
+
+def delta_r(eta1: Any, phi1: Any, eta2: Any, phi2: Any) -> Any:
+    """sqrt(delta_eta**2 + delta_phi**2)."""
+    return np.sqrt((eta1 - eta2) ** 2 + delta_phi(phi1, phi2) ** 2)
+
+
+def inv_mass(*objects: Any) -> Any:
+    """Invariant mass of the sum of all given objects, per event.
+
+    Each argument is a collection (a list of objects per event, all of which
+    are summed) or one object per event (``GoodMuon[:, 0]``); each needs the
+    fields ``pt``, ``eta``, ``phi`` and ``mass``. An event with no object gives 0.
+    """
+    total = [0.0, 0.0, 0.0, 0.0]
+    for obj in objects:
+        fields = getattr(obj, "fields", [])
+        missing = [f for f in ("pt", "eta", "phi", "mass") if f not in fields]
+        if missing:
+            raise _Usage(
+                "inv_mass() needs objects with fields pt, eta, phi, mass; "
+                f"an argument lacks {', '.join(missing)}"
+            )
+        pt, eta, phi, mass = obj["pt"], obj["eta"], obj["phi"], obj["mass"]
+        px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+        energy = np.sqrt(px**2 + py**2 + pz**2 + mass**2)
+        parts = [energy, px, py, pz]
+        if _is_list(obj):
+            parts = [ak.sum(p, axis=-1) for p in parts]
+        total = [t + p for t, p in zip(total, parts, strict=True)]
+    e, px, py, pz = total
+    return np.sqrt(np.maximum(e**2 - px**2 - py**2 - pz**2, 0.0))
+
+
+@dataclass(frozen=True)
+class _Function:
+    impl: Callable[..., Any]
+    min_args: int
+    max_args: int
+    usage: str
+
+
+def _ufunc(f: np.ufunc, usage: str) -> _Function:
+    return _Function(f, f.nin, f.nin, usage)
+
+
+#: The functions an expression may call: name -> implementation and usage.
+FUNCTIONS: dict[str, _Function] = {
+    "num": _Function(_num, 1, 1, "num(GoodJet): objects per event"),
+    "sum": _Function(_sum, 1, 1, "sum(GoodJet.pt): per-event sum"),
+    "any": _Function(_any, 1, 1, "any(GoodJet.pt > 50): at least one per event"),
+    "all": _Function(_all, 1, 1, "all(abs(GoodJet.eta) < 2): every one per event"),
+    "min": _Function(_min, 1, 2, "min(GoodJet.pt) per event (NaN if none), or min(a, b)"),
+    "max": _Function(_max, 1, 2, "max(GoodJet.pt) per event (NaN if none), or max(a, b)"),
+    "mean": _Function(_mean, 1, 1, "mean(GoodJet.pt) per event (NaN if none)"),
+    "abs": _ufunc(np.absolute, "abs(x)"),
+    "sqrt": _ufunc(np.sqrt, "sqrt(x)"),
+    "exp": _ufunc(np.exp, "exp(x)"),
+    "log": _ufunc(np.log, "log(x)"),
+    "log10": _ufunc(np.log10, "log10(x)"),
+    "sin": _ufunc(np.sin, "sin(x)"),
+    "cos": _ufunc(np.cos, "cos(x)"),
+    "tan": _ufunc(np.tan, "tan(x)"),
+    "arctan2": _ufunc(np.arctan2, "arctan2(y, x)"),
+    "cosh": _ufunc(np.cosh, "cosh(x)"),
+    "sinh": _ufunc(np.sinh, "sinh(x)"),
+    "tanh": _ufunc(np.tanh, "tanh(x)"),
+    "round": _ufunc(np.rint, "round(x): nearest integer (halves to even)"),
+    "floor": _ufunc(np.floor, "floor(x)"),
+    "ceil": _ufunc(np.ceil, "ceil(x)"),
+    "where": _Function(_where, 3, 3, "where(condition, if_true, if_false)"),
+    "clip": _Function(_clip, 3, 3, "clip(x, low, high)"),
+    "delta_phi": _Function(delta_phi, 2, 2, "delta_phi(phi1, phi2), in [-pi, pi)"),
+    "delta_r": _Function(delta_r, 4, 4, "delta_r(eta1, phi1, eta2, phi2)"),
+    "inv_mass": _Function(inv_mass, 1, 8, "inv_mass(GoodMuon) or inv_mass(mu[:, 0], el[:, 0])"),
+}
+
+
+class _Usage(Exception):
+    """A function was called with arguments it cannot use (turned into ExpressionError)."""
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+class FieldNamespace(Mapping[str, Any]):
+    """The names of an object's ``where``: the collection's fields, then ``parent``'s names.
+
+    >>> import awkward as ak
+    >>> jets = ak.Array([[{"pt": 50.0, "eta": 0.1}]])
+    >>> parse("pt > 30 & abs(eta) < 2.4").evaluate(FieldNamespace(jets)).tolist()
+    [[True]]
+    """
+
+    def __init__(self, collection: Any, parent: Mapping[str, Any] | None = None) -> None:
+        self.collection = collection
+        self.parent = parent if parent is not None else {}
+
+    def _fields(self) -> list[str]:
+        return list(getattr(self.collection, "fields", []))
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._fields():
+            return self.collection[name]
+        return self.parent[name]
+
+    def __iter__(self) -> Iterator[str]:
+        seen = self._fields()
+        yield from seen
+        yield from (k for k in self.parent if k not in seen)
+
+    def __len__(self) -> int:
+        return len(set(self._fields()) | set(self.parent))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fields() or name in self.parent
+
+    def __repr__(self) -> str:
+        return f"FieldNamespace(fields={self._fields()!r})"
+
+
+def _names_of(namespace: Any) -> list[str]:
+    if isinstance(namespace, Mapping):
+        return [str(k) for k in namespace]
+    return list(getattr(namespace, "fields", []))
+
+
+# --------------------------------------------------------------------------- parsing
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+    ast.Pow: lambda a, b: a**b,
+    ast.BitAnd: lambda a, b: a & b,
+    ast.BitOr: lambda a, b: a | b,
+}
+_CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Lt: lambda a, b: a < b,
+    ast.LtE: lambda a, b: a <= b,
+    ast.Gt: lambda a, b: a > b,
+    ast.GtE: lambda a, b: a >= b,
+    ast.Eq: lambda a, b: a == b,
+    ast.NotEq: lambda a, b: a != b,
+}
+_REFUSED: dict[type, str] = {
+    ast.Lambda: "lambdas are not allowed",
+    ast.ListComp: "comprehensions are not allowed; use a mask, e.g. GoodJet.pt[GoodJet.pt > 30]",
+    ast.SetComp: "comprehensions are not allowed",
+    ast.DictComp: "comprehensions are not allowed",
+    ast.GeneratorExp: "generator expressions are not allowed; use sum(...), any(...) or all(...)",
+    ast.IfExp: "'x if c else y' is not allowed; use where(c, x, y)",
+    ast.JoinedStr: "strings are not allowed",
+    ast.List: "lists are not allowed",
+    ast.Dict: "dicts are not allowed",
+    ast.Set: "sets are not allowed",
+    ast.Starred: "'*' unpacking is not allowed",
+    ast.NamedExpr: "':=' is not allowed",
+    ast.Await: "'await' is not allowed",
+}
+
+
+def _c_precedence(text: str) -> tuple[str, list[int]]:
+    """Rewrite ``&``/``|`` as ``and``/``or`` so they bind looser than comparisons.
+
+    Returns the rewritten text and, for each of its characters, the column of
+    the original character it came from (for error pointers).
+    """
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return text, list(range(len(text) + 1))
+    out: list[str] = []
+    origin: list[int] = []
+    pos = 0
+    for tok in tokens:
+        if tok.type == tokenize.OP and tok.string in ("&", "|"):
+            start = tok.start[1]
+            out.append(text[pos:start])
+            origin.extend(range(pos, start))
+            word = " and " if tok.string == "&" else " or "
+            out.append(word)
+            origin.extend([start] * len(word))
+            pos = start + 1
+    out.append(text[pos:])
+    origin.extend(range(pos, len(text) + 1))
+    return "".join(out), origin
+
+
+@dataclass
+class Expression:
+    """A parsed, checked selection expression.
+
+    Build it with :func:`parse`; evaluate it with :meth:`evaluate` on a mapping
+    of names to arrays (or a coffea ``events`` array).
+
+    Attributes
+    ----------
+    text : str
+        The expression as written.
+    context : str
+        Where it came from (``"skim.selection.cuts[1]"``), for error messages.
+    names : set of str
+        Top-level names it uses (collections, branches, fields), without functions.
+    attributes : set of (str, str)
+        ``(name, field)`` pairs of every ``name.field`` it reads.
+    functions : set of str
+        The functions it calls.
+
+    Examples
+    --------
+    >>> import awkward as ak
+    >>> e = parse("num(GoodJet) >= 1", context="skim.selection.cuts[0]")
+    >>> sorted(e.names)
+    ['GoodJet']
+    >>> e.evaluate({"GoodJet": ak.Array([[1.0], []])}).tolist()
+    [True, False]
+    """
+
+    text: str
+    context: str = ""
+    names: set[str] = field(default_factory=set)
+    attributes: set[tuple[str, str]] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    _tree: ast.Expression | None = field(default=None, repr=False, compare=False)
+    _origin: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        where = f", context={self.context!r}" if self.context else ""
+        return f"Expression({self.text!r}{where})"
+
+    def __str__(self) -> str:
+        return self.text
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, message: str, node: ast.AST | None = None) -> ExpressionError:
+        where = f" in {self.context}" if self.context else ""
+        lines = [f"expression{where}:", f"    {self.text}"]
+        if node is not None and hasattr(node, "col_offset"):
+            start = self._col(node.col_offset)
+            end = self._col(getattr(node, "end_col_offset", None) or node.col_offset + 1)
+            end = max(end, start + 1)
+            lines.append("    " + " " * start + "^" * (end - start))
+        lines.append(message)
+        return ExpressionError("\n".join(lines))
+
+    def _col(self, col: int) -> int:
+        if not self._origin:
+            return col
+        if col >= len(self._origin):
+            return self._origin[-1] + col - len(self._origin) + 1
+        return self._origin[col]
+
+    # ------------------------------------------------------------------ checking
+
+    def _check(self, node: ast.AST) -> None:
+        """Walk the tree, refusing everything outside the whitelist."""
+        if isinstance(node, ast.Expression):
+            self._check(node.body)
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or (
+                isinstance(node.value, (int, float)) and not isinstance(node.value, complex)
+            ):
+                return
+            kind = "strings are" if isinstance(node.value, (str, bytes)) else f"{node.value!r} is"
+            raise self._error(f"{kind} not allowed; use numbers, names and fields", node)
+        elif isinstance(node, ast.Name):
+            self._check_name(node.id, node)
+            if node.id in FUNCTIONS:
+                raise self._error(
+                    f"'{node.id}' is a function; call it, e.g. {FUNCTIONS[node.id].usage}", node
+                )
+            if node.id not in CONSTANTS:
+                self.names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            self._check_name(node.attr, node)
+            base = node.value
+            while isinstance(base, ast.Subscript):
+                base = base.value
+            if not isinstance(base, ast.Name):
+                raise self._error(
+                    f"'.{node.attr}' reads a field of something that is not a collection; "
+                    "only one level of fields is supported: write Collection.field",
+                    node,
+                )
+            self._check(node.value)
+            self.attributes.add((base.id, node.attr))
+        elif isinstance(node, ast.Subscript):
+            self._check(node.value)
+            self._check_key(node.slice, node)
+        elif isinstance(node, ast.BinOp):
+            if type(node.op) not in _BINOPS:
+                raise self._error(f"operator {type(node.op).__name__} is not allowed", node)
+            self._check(node.left)
+            self._check(node.right)
+        elif isinstance(node, ast.UnaryOp):
+            if isinstance(node.op, ast.UAdd):
+                raise self._error("unary '+' is not allowed", node)
+            self._check(node.operand)
+        elif isinstance(node, ast.BoolOp):
+            for value in node.values:
+                self._check(value)
+        elif isinstance(node, ast.Compare):
+            for op in node.ops:
+                if type(op) not in _CMPOPS:
+                    word = {ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+                    raise self._error(
+                        f"'{word.get(type(op), type(op).__name__)}' is not allowed; "
+                        "compare with < <= > >= == !=",
+                        node,
+                    )
+            self._check(node.left)
+            for comparator in node.comparators:
+                self._check(comparator)
+        elif isinstance(node, ast.Call):
+            self._check_call(node)
+        elif isinstance(node, ast.Tuple):
+            raise self._error("tuples are only allowed inside [...], e.g. GoodJet.pt[:, 0]", node)
+        elif type(node) in _REFUSED:
+            raise self._error(_REFUSED[type(node)], node)
+        else:
+            raise self._error(f"{type(node).__name__} is not allowed in a selection", node)
+
+    def _check_name(self, name: str, node: ast.AST) -> None:
+        if name.startswith("_"):
+            raise self._error(f"names starting with '_' are not allowed ('{name}')", node)
+
+    def _check_key(self, key: ast.AST, node: ast.Subscript) -> None:
+        parts = key.elts if isinstance(key, ast.Tuple) else [key]
+        if not isinstance(key, ast.Tuple) and _static_int(key) is not None:
+            n = _static_int(key)
+            raise self._error(
+                f"[{n}] picks event {n}, not an object of every event; write [:, {n}] "
+                f"for the object at position {n} in each event",
+                node,
+            )
+        for part in parts:
+            if isinstance(part, ast.Slice):
+                for bound in (part.lower, part.upper, part.step):
+                    if bound is not None and _static_int(bound) is None:
+                        raise self._error("slice bounds must be whole numbers, e.g. [:, :2]", bound)
+            elif (
+                _static_int(part) is not None
+                or isinstance(part, ast.Constant)
+                and part.value is Ellipsis
+            ):
+                continue
+            elif isinstance(key, ast.Tuple):
+                raise self._error(
+                    "inside [a, b] use whole numbers and slices, e.g. [:, 0]; "
+                    "a mask goes alone: Coll[Coll.pt > 30]",
+                    part,
+                )
+            else:
+                self._check(part)
+
+    def _check_call(self, node: ast.Call) -> None:
+        func = node.func
+        if not isinstance(func, ast.Name):
+            raise self._error(
+                "only the functions " + ", ".join(FUNCTIONS) + " may be called "
+                "(no methods or attribute calls)",
+                func,
+            )
+        self._check_name(func.id, func)
+        if func.id not in FUNCTIONS:
+            near = closest(func.id, FUNCTIONS)
+            hint = f" Did you mean {' or '.join(repr(m) for m in near)}?" if near else ""
+            raise self._error(
+                f"unknown function '{func.id}'.{hint} Allowed functions: {', '.join(FUNCTIONS)}.",
+                func,
+            )
+        if node.keywords:
+            raise self._error(f"{func.id}() takes no keyword arguments", node.keywords[0].value)
+        spec = FUNCTIONS[func.id]
+        n = len(node.args)
+        if not spec.min_args <= n <= spec.max_args:
+            want = (
+                str(spec.min_args)
+                if spec.min_args == spec.max_args
+                else f"{spec.min_args} to {spec.max_args}"
+            )
+            raise self._error(
+                f"{func.id}() takes {want} argument(s), got {n}; usage: {spec.usage}", node
+            )
+        self.functions.add(func.id)
+        for arg in node.args:
+            self._check(arg)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, namespace: Mapping[str, Any] | Any) -> Any:
+        """Evaluate on ``namespace``: a mapping of names to arrays, or a record array (``events``).
+
+        Raises
+        ------
+        ExpressionError
+            for an unknown name or field (with close matches), an object index
+            past the end of some event's list, or a computation that fails.
+        """
+        assert self._tree is not None
+        return self._eval(self._tree.body, namespace)
+
+    def _eval(self, node: ast.AST, ns: Any) -> Any:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return self._lookup(ns, node)
+        if isinstance(node, ast.Attribute):
+            return self._field(self._eval(node.value, ns), node)
+        if isinstance(node, ast.Subscript):
+            return self._subscript(node, ns)
+        if isinstance(node, ast.BinOp):
+            return self._apply(
+                _BINOPS[type(node.op)], node, self._eval(node.left, ns), self._eval(node.right, ns)
+            )
+        if isinstance(node, ast.UnaryOp):
+            value = self._eval(node.operand, ns)
+            if isinstance(node.op, ast.USub):
+                return self._apply(lambda a: -a, node, value)
+            if isinstance(node.op, ast.Not):
+                return self._apply(np.logical_not, node, value)
+            return self._apply(np.invert, node, value)
+        if isinstance(node, ast.BoolOp):
+            op = _BINOPS[ast.BitAnd if isinstance(node.op, ast.And) else ast.BitOr]
+            result = self._eval(node.values[0], ns)
+            for value in node.values[1:]:
+                result = self._apply(op, node, result, self._eval(value, ns))
+            return result
+        if isinstance(node, ast.Compare):
+            left = self._eval(node.left, ns)
+            result = None
+            for op, right_node in zip(node.ops, node.comparators, strict=True):
+                right = self._eval(right_node, ns)
+                part = self._apply(_CMPOPS[type(op)], node, left, right)
+                result = (
+                    part if result is None else self._apply(_BINOPS[ast.BitAnd], node, result, part)
+                )
+                left = right
+            return result
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            spec = FUNCTIONS[node.func.id]
+            args = [self._eval(a, ns) for a in node.args]
+            return self._apply(spec.impl, node, *args)
+        raise self._error(f"{type(node).__name__} is not allowed", node)  # unreachable after _check
+
+    def _apply(self, func: Callable[..., Any], node: ast.AST, *args: Any) -> Any:
+        try:
+            with np.errstate(all="ignore"):
+                return func(*args)
+        except ExpressionError:
+            raise
+        except _Usage as exc:
+            raise self._error(str(exc), node) from None
+        except Exception as exc:
+            raise self._error(
+                f"cannot compute this part: {type(exc).__name__}: {exc}", node
+            ) from None
+
+    def _lookup(self, ns: Any, node: ast.Name) -> Any:
+        name = node.id
+        if name in CONSTANTS:
+            return CONSTANTS[name]
+        known = _names_of(ns)
+        if name in known:
+            try:
+                return ns[name]
+            except Exception as exc:
+                raise self._error(
+                    f"cannot read '{name}': {type(exc).__name__}: {exc}", node
+                ) from None
+        near = closest(name, known)
+        hint = f" Did you mean {' or '.join(repr(m) for m in near)}?" if near else ""
+        raise self._error(f"unknown name '{name}'.{hint}", node)
+
+    def _field(self, value: Any, node: ast.Attribute) -> Any:
+        fields = _names_of(value)
+        if node.attr in fields:
+            return value[node.attr]
+        near = closest(node.attr, fields)
+        hint = f" Did you mean {' or '.join(repr(m) for m in near)}?" if near else ""
+        owner = ast.unparse(node.value)
+        listed = f" Its fields: {', '.join(sorted(fields)[:30])}." if fields and not near else ""
+        raise self._error(f"'{owner}' has no field '{node.attr}'.{hint}{listed}", node)
+
+    def _subscript(self, node: ast.Subscript, ns: Any) -> Any:
+        value = self._eval(node.value, ns)
+        key_node = node.slice
+        if isinstance(key_node, ast.Tuple):
+            key: Any = tuple(_static_key(p) for p in key_node.elts)
+        elif isinstance(key_node, ast.Slice):
+            key = _static_key(key_node)
+        else:
+            key = self._eval(key_node, ns)
+        if isinstance(key, tuple) and len(key) >= 2 and isinstance(key[1], int) and _is_list(value):
+            self._check_lengths(value, key[1], node)
+        try:
+            return value[key]
+        except Exception as exc:
+            raise self._error(f"cannot index: {type(exc).__name__}: {exc}", node) from None
+
+    def _check_lengths(self, value: Any, index: int, node: ast.Subscript) -> None:
+        counts = np.asarray(ak.num(value, axis=1))
+        short = counts <= index if index >= 0 else counts < -index
+        n_short = int(np.count_nonzero(short))
+        if n_short:
+            owner = ast.unparse(node.value)
+            base = owner.split(".")[0].split("[")[0]
+            need = index + 1 if index >= 0 else -index
+            raise self._error(
+                f"{n_short} of {len(counts)} events have fewer than {need} object(s) in "
+                f"{owner}, so [:, {index}] does not exist for them. Add a cut before this, "
+                f'e.g. "num({base}) >= {need}", or use a reduction such as max({owner}).',
+                node,
+            )
+
+
+def _static_int(node: ast.AST) -> int | None:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and type(node.operand.value) is int
+    ):
+        return -node.operand.value
+    return None
+
+
+def _static_key(node: ast.AST) -> Any:
+    if isinstance(node, ast.Slice):
+        return slice(
+            *(None if b is None else _static_int(b) for b in (node.lower, node.upper, node.step))
+        )
+    if isinstance(node, ast.Constant) and node.value is Ellipsis:
+        return Ellipsis
+    return _static_int(node)
+
+
+def parse(text: str, *, context: str = "") -> Expression:
+    """Parse and check ``text``; raise :class:`~cmsmlkit.errors.ExpressionError` if it is not allowed.
+
+    Parameters
+    ----------
+    text : str
+        The expression, e.g. ``"num(GoodJet) >= 4 & MET.pt > 30"``.
+    context : str
+        Where it comes from (a config path such as ``"skim.selection.cuts[1]"``),
+        quoted in every error message.
+
+    Examples
+    --------
+    >>> parse("MET.pt > 30").attributes
+    {('MET', 'pt')}
+    """
+    if not isinstance(text, str):
+        raise ExpressionError(
+            f"expression{' in ' + context if context else ''} must be a string, "
+            f"not {type(text).__name__} ({text!r})"
+        )
+    expr = Expression(text=text, context=context)
+    flat = text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
+    if not flat.strip():
+        raise expr._error("the expression is empty")
+    rewritten, origin = _c_precedence(flat.strip())
+    shift = len(flat) - len(flat.lstrip())
+    expr._origin = [o + shift for o in origin]
+    try:
+        tree = ast.parse(rewritten, mode="eval")
+    except SyntaxError as exc:
+        col = exc.offset - 1 if exc.offset else len(rewritten)
+        node = ast.Constant(value=0, col_offset=col, end_col_offset=col + 1)
+        detail = "" if exc.msg == "invalid syntax" else f": {exc.msg}"
+        raise expr._error(f"invalid syntax{detail}", node) from None
+    expr._check(tree)
+    expr._tree = tree
+    return expr
