@@ -30,7 +30,9 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 class MLP(nn.Module):
     """A fully connected network: (Linear, activation, dropout) per hidden layer, then a linear head."""
 
-    def __init__(self, n_inputs: int, n_classes: int, hidden: list[int], dropout: float, activation: str) -> None:
+    def __init__(
+        self, n_inputs: int, n_classes: int, hidden: list[int], dropout: float, activation: str
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = n_inputs
@@ -50,4 +52,6 @@ def build_model(config: ModelConfig, n_inputs: int, n_classes: int) -> nn.Module
     """The network of ``config`` for ``n_inputs`` input columns and ``n_classes`` classes."""
     if config.type == "mlp":
         return MLP(n_inputs, n_classes, list(config.hidden), config.dropout, config.activation)
-    raise ValueError(f"unknown model type {config.type!r}")  # pragma: no cover - the config refuses it
+    raise ValueError(
+        f"unknown model type {config.type!r}"
+    )  # pragma: no cover - the config refuses it

@@ -52,7 +52,9 @@ def _expand(inputs: list[str]) -> list[str]:
             files.extend(matches)
         else:
             if not os.path.exists(path):
-                raise InputFileError(f"predict.inputs: the file '{item}' does not exist; check the path.")
+                raise InputFileError(
+                    f"predict.inputs: the file '{item}' does not exist; check the path."
+                )
             files.append(path)
     return files
 
@@ -115,7 +117,11 @@ class Predictor:
         return list(self.bundle.class_names)
 
     def __repr__(self) -> str:
-        state = repr(self._bundle) if self._bundle is not None else f"{self.config.bundle!r} (not loaded yet)"
+        state = (
+            repr(self._bundle)
+            if self._bundle is not None
+            else f"{self.config.bundle!r} (not loaded yet)"
+        )
         return f"Predictor(bundle={state}, output={self.config.output!r})"
 
     # ------------------------------------------------------------------ scoring
@@ -137,7 +143,11 @@ class Predictor:
             parts = [self._score_file(f) for f in _expand([str(d) for d in data])]
             if not parts:
                 raise InputFileError("nothing to score: the list of inputs is empty.")
-            extras = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2] if all(k in p[2] for p in parts)}
+            extras = {
+                k: np.concatenate([p[2][k] for p in parts])
+                for k in parts[0][2]
+                if all(k in p[2] for p in parts)
+            }
             return (
                 np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]),
@@ -145,7 +155,11 @@ class Predictor:
             )
         if isinstance(data, Mapping):
             scores = self.bundle.predict_proba(data, batch_size=self.config.batch_size)
-            ids = np.asarray(data["event_id"][:], dtype=np.int64) if "event_id" in data else _no_ids(len(scores))
+            ids = (
+                np.asarray(data["event_id"][:], dtype=np.int64)
+                if "event_id" in data
+                else _no_ids(len(scores))
+            )
             return scores, ids, {}
         import awkward as ak
 
@@ -191,7 +205,12 @@ class Predictor:
         fileset = {
             name: {
                 "files": {path: "Events"},
-                "metadata": {"dataset": name, "label": self.class_names[0], "is_mc": True, "xsec": None},
+                "metadata": {
+                    "dataset": name,
+                    "label": self.class_names[0],
+                    "is_mc": True,
+                    "xsec": None,
+                },
             }
         }
         try:
@@ -209,20 +228,28 @@ class Predictor:
         padding = self.bundle.padding or {}
         convert = ConvertConfig(
             collections={
-                coll: {k: spec[k] for k in ("max_len", "sort_by", "pad_value", "fields") if k in spec}
+                coll: {
+                    k: spec[k] for k in ("max_len", "sort_by", "pad_value", "fields") if k in spec
+                }
                 for coll, spec in padding.items()
             },
             # Only the scalars the model reads: a NaN in an unused variable must not stop scoring.
             scalars=[f.name for f in self.bundle.features if f.collection is None],
         )
-        cols, _ = columns(events, convert, max_lens={c: int(s["max_len"]) for c, s in padding.items()})
+        cols, _ = columns(
+            events, convert, max_lens={c: int(s["max_len"]) for c, s in padding.items()}
+        )
         scores = self.bundle.predict_proba(cols, batch_size=self.config.batch_size)
         fields = set(events.fields)
         if {"run", "luminosityBlock", "event"} <= fields:
             import awkward as ak
 
             ids = np.stack(
-                [ak.to_numpy(events[k]).astype(np.int64) for k in ("run", "luminosityBlock", "event")], axis=1
+                [
+                    ak.to_numpy(events[k]).astype(np.int64)
+                    for k in ("run", "luminosityBlock", "event")
+                ],
+                axis=1,
             )
         else:
             ids = _no_ids(len(scores))
@@ -233,7 +260,9 @@ class Predictor:
 
     # ------------------------------------------------------------------ files
 
-    def predict_files(self, inputs: list[str] | None = None, output: str | Path | None = None) -> list[Path]:
+    def predict_files(
+        self, inputs: list[str] | None = None, output: str | Path | None = None
+    ) -> list[Path]:
         """Score every input file and write ``<output>/<input stem>.h5`` for each; return the paths.
 
         Each output holds ``/scores`` [N, C] float32 (attrs ``class_names``),
@@ -256,7 +285,9 @@ class Predictor:
                 "other. Score them into different output directories."
             )
         written = []
-        for path in tqdm(files, desc="predict", unit="file", disable=None if len(files) > 1 else True):
+        for path in tqdm(
+            files, desc="predict", unit="file", disable=None if len(files) > 1 else True
+        ):
             scores, ids, extras = self._score_file(path)
             target = out_dir / f"{Path(path).stem}.h5"
             self._write(target, scores, ids, extras, source=path)
@@ -265,7 +296,13 @@ class Predictor:
         return written
 
     def _write(
-        self, target: Path, scores: np.ndarray, ids: np.ndarray, extras: dict[str, np.ndarray], *, source: str
+        self,
+        target: Path,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        extras: dict[str, np.ndarray],
+        *,
+        source: str,
     ) -> None:
         import h5py
 

@@ -77,11 +77,15 @@ class Tuner:
         self.cluster = cluster or ClusterConfig()
         lo, hi = self.config.depth
         if lo > hi or lo < 1:
-            raise ConfigError(f"tune.depth must be [min, max] with 1 <= min <= max, got {self.config.depth}.")
+            raise ConfigError(
+                f"tune.depth must be [min, max] with 1 <= min <= max, got {self.config.depth}."
+            )
         for key in ("width", "learning_rate"):
             lo, hi = getattr(self.config, key)
             if not 0 < lo <= hi:
-                raise ConfigError(f"tune.{key} must be [min, max] with 0 < min <= max, got [{lo}, {hi}].")
+                raise ConfigError(
+                    f"tune.{key} must be [min, max] with 0 < min <= max, got [{lo}, {hi}]."
+                )
 
     def __repr__(self) -> str:
         c = self.config
@@ -147,7 +151,9 @@ class Tuner:
 
             def stop_at_target(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if trial.value is not None and trial.value >= target:
-                    log.info("trial %d reached the target %.4f; stopping the study", trial.number, target)
+                    log.info(
+                        "trial %d reached the target %.4f; stopping the study", trial.number, target
+                    )
                     study.stop()
 
             callbacks.append(stop_at_target)
@@ -155,7 +161,9 @@ class Tuner:
         finished = sum(t.state.is_finished() for t in study.trials)
         remaining = max(self.config.n_trials - finished, 0)
         if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=self.config.timeout, callbacks=callbacks)
+            study.optimize(
+                objective, n_trials=remaining, timeout=self.config.timeout, callbacks=callbacks
+            )
 
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
