@@ -1,0 +1,324 @@
+"""Tests of cmsmlkit/ml/trainer.py and cmsmlkit/ml/module.py: training on generated HDF5 files.
+
+The toy problem: ``ht`` ~ N(150 + 80 y, 30), ``met`` ~ N(40 + 30 y, 15) and up to four
+jets whose pt grows with the class index ``y``. ht alone separates neighbouring
+classes with d' = 80/30 = 2.7 and met adds d' = 2, so the best possible AUC between
+neighbouring classes is Phi(sqrt(2.7^2 + 2^2) / sqrt(2)) = Phi(2.36) = 0.99. A network
+that learned anything in a few epochs lands well above the 0.9 floor the tests ask for;
+a broken pipeline (no standardisation, shuffled labels, wrong split) falls below it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from cmsmlkit.config import TrainConfig
+from cmsmlkit.errors import ConfigError, DataError
+from cmsmlkit.ml.module import ClassifierModule, auc_score
+from cmsmlkit.ml.trainer import Trainer, TrainResult, class_weights
+
+MAX_LEN = 4
+NO_TRACKING = {"enabled": False}
+METRIC_KEYS = {
+    "test_auc",
+    "val_auc",
+    "test_accuracy",
+    "best_epoch",
+    "epochs_trained",
+    "n_train",
+    "n_val",
+    "n_test",
+    "class_names",
+    "seconds",
+}
+
+
+def write_h5(
+    path: Path, labels: np.ndarray, class_names: list[str], *, seed: int = 0, shift: float = 1.0
+) -> Path:
+    """A file in the HDF5 contract of DESIGN.md holding the toy problem of this module's docstring."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    y = labels.astype(np.float32) * shift
+    n_jets = rng.integers(0, MAX_LEN + 1, size=n)
+    mask = np.arange(MAX_LEN)[None, :] < n_jets[:, None]
+    with h5py.File(path, "w") as f:
+        f["scalars/ht"] = (150 + 80 * y + rng.normal(0, 30, n)).astype(np.float32)
+        f["scalars/met"] = (40 + 30 * y + rng.normal(0, 15, n)).astype(np.float32)
+        pt = np.where(mask, 40 + 25 * y[:, None] + rng.exponential(20, (n, MAX_LEN)), 0.0)
+        f["objects/Jet/pt"] = pt.astype(np.float32)
+        f["objects/Jet/eta"] = np.where(mask, rng.uniform(-2.4, 2.4, (n, MAX_LEN)), 0.0).astype(
+            np.float32
+        )
+        f["objects/Jet/mask"] = mask
+        f["label"] = labels
+        f["label"].attrs["class_names"] = json.dumps(class_names)
+        f["weight"] = rng.uniform(0.5, 1.5, n).astype(np.float32)
+        f["event_id"] = np.stack([np.ones(n), np.ones(n), np.arange(n)], 1).astype(np.int64)
+        f["dataset"] = labels
+        f.attrs["cmsmlkit_version"] = "0.1.0"
+        f.attrs["config"] = "output: toy.h5\n"
+        f.attrs["skim_config"] = "cuts: ['num(Jet) >= 0']\n"
+        f.attrs["padding"] = json.dumps(
+            {"Jet": {"max_len": MAX_LEN, "sort_by": None, "pad_value": 0.0}}
+        )
+        f.attrs["class_names"] = json.dumps(class_names)
+        f.attrs["datasets"] = json.dumps([{"name": c, "label": c} for c in class_names])
+        f.attrs["cutflow"] = json.dumps({})
+        f.attrs["input_files"] = json.dumps([])
+        f.attrs["n_events"] = n
+        f.attrs["created"] = "2025-01-01T00:00:00+00:00"
+    return path
+
+
+@pytest.fixture(scope="module")
+def binary_file(tmp_path_factory) -> Path:
+    labels = np.random.default_rng(1).integers(0, 2, 3000)
+    return write_h5(
+        tmp_path_factory.mktemp("bin") / "toy.h5", labels, ["signal", "background"], seed=2
+    )
+
+
+@pytest.fixture(scope="module")
+def three_class_file(tmp_path_factory) -> Path:
+    labels = np.random.default_rng(3).integers(0, 3, 3000)
+    return write_h5(
+        tmp_path_factory.mktemp("three") / "toy3.h5", labels, ["ttbar", "wjets", "dy"], seed=4
+    )
+
+
+def quick(path: Path, output: Path, **fields) -> Trainer:
+    settings = {"max_epochs": 3, "batch_size": 256, "learning_rate": 3e-3, "tracking": NO_TRACKING}
+    settings.update(fields)
+    return Trainer(inputs=[str(path)], output=str(output), **settings)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_binary_training_separates_and_writes_a_bundle(binary_file, tmp_path):
+    from cmsmlkit.ml.bundle import Bundle
+
+    result = quick(binary_file, tmp_path / "model").fit()
+    m = result.metrics
+    assert set(m) == METRIC_KEYS
+    assert m["test_auc"] > 0.9 and m["val_auc"] > 0.9
+    assert m["test_accuracy"] > 0.8
+    assert (m["n_train"], m["n_val"], m["n_test"]) == (1800, 600, 600)
+    assert m["class_names"] == ["signal", "background"]
+    assert m["epochs_trained"] == 3 and 1 <= m["best_epoch"] <= 3
+    assert m["val_auc"] == pytest.approx(max(result.history["val_auc"]))
+    assert [len(v) for v in result.history.values()] == [3, 3, 3]
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    assert result.bundle_path == tmp_path / "model"
+    assert (
+        repr(result)
+        == f"TrainResult(test AUC = {m['test_auc']:.3f}, epochs = 3, bundle = '{tmp_path / 'model'}')"
+    )
+
+    bundle = Bundle.load(result.bundle_path)
+    assert bundle.class_names == ["signal", "background"]
+    assert [f.name for f in bundle.features] == ["ht", "met", "Jet.eta", "Jet.pt"]
+    assert bundle.metrics["test_auc"] == pytest.approx(m["test_auc"])
+    assert bundle.skim_config == {"cuts": ["num(Jet) >= 0"]}
+    assert bundle.padding["Jet"]["max_len"] == MAX_LEN
+    info = json.loads((result.bundle_path / "bundle.json").read_text())
+    assert info["provenance"]["inputs"][0]["n_events"] == 3000
+    assert info["train"]["max_epochs"] == 3
+    assert info["history"]["val_auc"] == pytest.approx(result.history["val_auc"])
+    assert sorted(p.name for p in (result.bundle_path / "figures").glob("*.png")) == [
+        "confusion.png",
+        "loss.png",
+        "roc.png",
+        "scores.png",
+    ]
+    # the bundle's own preprocessing reproduces the trained separation on the whole file
+    with h5py.File(binary_file, "r") as f:
+        proba = bundle.predict_proba(f)
+        labels = f["label"][:]
+    assert proba.shape == (3000, 2)
+    assert auc_score(labels, proba) > 0.9
+
+
+def test_three_classes_with_event_weights(three_class_file, tmp_path):
+    result = quick(three_class_file, tmp_path / "m3", event_weights=True).fit(write_bundle=False)
+    m = result.metrics
+    assert set(m) == METRIC_KEYS | {"test_auc_ttbar", "test_auc_wjets", "test_auc_dy"}
+    assert m["test_auc"] > 0.9
+    # the middle class overlaps both neighbours, the outer ones only one
+    assert m["test_auc_ttbar"] > 0.9 and m["test_auc_dy"] > 0.9 and m["test_auc_wjets"] > 0.8
+    assert m["test_auc"] == pytest.approx(
+        np.mean([m[f"test_auc_{c}"] for c in ("ttbar", "wjets", "dy")]), abs=0.01
+    )
+
+
+def test_early_stopping_stops_when_val_auc_plateaus(tmp_path):
+    # ht alone separates the classes completely: val AUC is 1.0 after the first epoch and
+    # can never improve, so training stops after 1 + patience epochs
+    labels = np.repeat([0, 1], 500)
+    path = write_h5(tmp_path / "easy.h5", labels, ["s", "b"], shift=20.0)
+    result = quick(path, tmp_path / "m", features=["ht"], max_epochs=30, patience=2).fit(
+        write_bundle=False
+    )
+    assert result.history["val_auc"] == [1.0, 1.0, 1.0]
+    assert result.metrics["epochs_trained"] == 3
+    assert result.metrics["best_epoch"] == 1
+    assert result.metrics["test_auc"] == 1.0
+
+
+def test_same_seed_same_result_other_seed_other_result(binary_file, tmp_path):
+    def run(seed: int) -> TrainResult:
+        return quick(binary_file, tmp_path / "m", max_epochs=2, seed=seed).fit(write_bundle=False)
+
+    first, again, other = run(7), run(7), run(8)
+    assert first.history == again.history
+    assert {k: v for k, v in first.metrics.items() if k != "seconds"} == {
+        k: v for k, v in again.metrics.items() if k != "seconds"
+    }
+    assert first.history["train_loss"] != other.history["train_loss"]
+
+
+def test_write_bundle_false_writes_nothing(binary_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = quick(binary_file, Path("model"), max_epochs=1).fit(write_bundle=False)
+    assert result.bundle_path is None
+    assert list(tmp_path.iterdir()) == []
+    assert repr(result).endswith("epochs = 1, bundle = None)")
+
+
+def test_user_callback_exception_propagates_unchanged(binary_file, tmp_path):
+    class Stop(Exception):
+        pass
+
+    class Pruner(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            raise Stop(f"pruned at epoch {trainer.current_epoch}")
+
+    with pytest.raises(Stop, match="pruned at epoch 0"):
+        quick(binary_file, tmp_path / "model").fit(callbacks=[Pruner()])
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_tracking_logs_params_metrics_and_bundle(binary_file, tmp_path):
+    import mlflow
+
+    output = tmp_path / "runs" / "model"
+    result = quick(binary_file, output, max_epochs=2, tracking={"experiment": "toy"}).fit()
+    uri = f"sqlite:///{tmp_path / 'runs'}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("toy")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == result.run_id
+    assert run.info.run_name == "model"
+    assert run.data.params["learning_rate"] == "0.003"
+    assert run.data.params["model.hidden"] == "64, 64"
+    assert run.data.params["class_names"] == "signal, background"
+    assert run.data.metrics["test_auc"] == pytest.approx(result.metrics["test_auc"])
+    per_epoch = client.get_metric_history(run.info.run_id, "val_auc")
+    assert len(per_epoch) >= 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
+    assert "bundle/bundle.json" in artifacts and "bundle/model.onnx" in artifacts
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/roc.png" in figures
+
+
+# --------------------------------------------------------------------------- configuration errors
+
+
+def test_constructor_validates_and_opens_nothing(tmp_path):
+    trainer = Trainer(
+        inputs=[str(tmp_path / "missing.h5")], model={"hidden": [32, 16]}, max_epochs=5
+    )
+    assert repr(trainer) == (
+        f"Trainer(inputs=['{tmp_path / 'missing.h5'}'], features=['*'], model=mlp[32, 16], "
+        "max_epochs=5, output='model')"
+    )
+    assert Trainer(TrainConfig(inputs=["a.h5"]), max_epochs=2).config.max_epochs == 2
+    with pytest.raises(ConfigError, match="Did you mean 'max_epochs'"):
+        Trainer(inputs=["a.h5"], max_epoch=3)
+    with pytest.raises(ConfigError, match="train.inputs is empty"):
+        Trainer()
+    with pytest.raises(ConfigError, match=r"must all be positive numbers, got \[1.0, -2.0\]"):
+        Trainer(inputs=["a.h5"], class_weights=[1.0, -2.0])
+
+
+def test_class_weights_of_wrong_length(binary_file, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        quick(binary_file, tmp_path / "m", class_weights=[1.0, 2.0, 3.0]).fit()
+    assert str(err.value).startswith(
+        "train.class_weights has 3 entries but the data have 2 classes"
+    )
+
+
+def test_unknown_or_unavailable_accelerator_is_a_config_error(binary_file, tmp_path):
+    with pytest.raises(ConfigError, match="unknown accelerator 'gpus'. Did you mean 'gpu'"):
+        Trainer(inputs=["a.h5"], accelerator="gpus")
+    # no TPU (torch_xla) on the test machines
+    with pytest.raises(
+        ConfigError, match="train.accelerator = 'tpu' cannot be used on this machine"
+    ):
+        quick(binary_file, tmp_path / "m", accelerator="tpu").fit()
+
+
+def test_class_weight_settings():
+    labels = np.array([0, 0, 0, 1])
+    assert class_weights(labels, 2, "balanced") == pytest.approx([4 / 6, 2.0])
+    assert class_weights(labels, 2, "none") == [1.0, 1.0]
+    assert class_weights(labels, 2, [0.5, 3]) == [0.5, 3.0]
+    # with event weights the sums of weights balance: class 0 weighs 3, class 1 weighs 1
+    assert class_weights(labels, 2, "balanced", np.array([1.0, 1.0, 1.0, 1.0])) == pytest.approx(
+        [4 / 6, 2.0]
+    )
+    assert class_weights(labels, 2, "balanced", np.array([0.5, 0.5, 1.0, 6.0])) == pytest.approx(
+        [2.0, 2 / 3]
+    )
+    with pytest.raises(DataError, match=r"no events \(or zero total weight\) of class\(es\) \[2\]"):
+        class_weights(labels, 3, "balanced")
+
+
+# --------------------------------------------------------------------------- the LightningModule
+
+
+def test_module_hyperparameters_and_forward():
+    module = ClassifierModule(
+        {"hidden": [8, 4], "activation": "tanh"}, n_inputs=5, n_classes=3, learning_rate=0.01
+    )
+    assert module.hparams.n_inputs == 5 and module.hparams.learning_rate == 0.01
+    assert module.hparams.model_config == {"hidden": [8, 4], "activation": "tanh"}
+    assert module(torch.zeros(7, 5)).shape == (7, 3)
+    optimiser = module.configure_optimizers()
+    assert isinstance(optimiser, torch.optim.AdamW) and optimiser.defaults["lr"] == 0.01
+    with pytest.raises(ConfigError, match="class_weights has 1 entries for 3 classes"):
+        ClassifierModule({}, n_inputs=5, n_classes=3, class_weights=[1.0])
+
+
+def test_module_loss_is_the_weighted_mean_of_event_losses():
+    torch.manual_seed(0)
+    module = ClassifierModule(
+        {"hidden": [4], "dropout": 0.0}, n_inputs=2, n_classes=2, class_weights=[1.0, 3.0]
+    )
+    x = torch.randn(4, 2)
+    y = torch.tensor([0, 1, 1, 0])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    per_event = torch.nn.functional.cross_entropy(module(x), y, reduction="none")
+    total = torch.tensor([1.0, 6.0, 1.5, 1.0])  # class weight x event weight
+    expected = (total * per_event).sum() / total.sum()
+    assert module._loss(module(x), y, w).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_auc_score_binary_and_multiclass():
+    y = np.array([0, 0, 1, 1])
+    assert auc_score(y, np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])) == 0.75
+    assert auc_score(np.zeros(3, int), np.full((3, 2), 0.5)) == 0.5
+    y3 = np.array([0, 1, 2, 0, 1, 2])
+    perfect = np.eye(3)[y3] * 0.8 + 0.2 / 3
+    assert auc_score(y3, perfect) == 1.0
