@@ -54,7 +54,7 @@ import numpy as np
 
 from ..errors import ConfigError, did_you_mean
 
-__all__ = ["PROCESSES", "MIXTURE", "write_nanoaod", "make_demo", "generate"]
+__all__ = ["PROCESSES", "MIXTURE", "write_nanoaod", "make_demo", "generate", "two_body_decay"]
 
 #: The processes the generator knows, signal first.
 PROCESSES = ("ttbar", "wjets", "dy")
@@ -434,7 +434,7 @@ def _vjets(
 ) -> tuple[np.ndarray, ...]:
     ev = np.arange(n)
     if boson == "W":
-        _hadronic_jets(rng, n, jets, lam=0.5, hf=0.16)
+        _hadronic_jets(rng, n, jets, lam=0.55, hf=0.2)
         mass = _breit_wigner(rng, _M_W, _G_W, n)
     else:
         _hadronic_jets(rng, n, jets, lam=0.35, hf=0.06)
