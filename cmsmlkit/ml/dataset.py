@@ -375,8 +375,16 @@ class InputData:
     Examples
     --------
     >>> data = load_inputs(["data.h5"], ["ht", "GoodJet.*"])  # doctest: +SKIP
+    >>> feats = [FeatureSpec("ht", "scalars/ht"), FeatureSpec("met", "scalars/met")]
+    >>> data = InputData(
+    ...     X=np.zeros((4, 2), np.float32), valid=np.ones((4, 2), bool),
+    ...     labels=np.array([0, 1, 1, 0]), weights=np.ones(4, np.float32),
+    ...     event_id=np.zeros((4, 3), np.int64), features=feats, class_names=["signal", "background"],
+    ... )
     >>> data
-    InputData(12000 events, 2 classes ['signal', 'background'], 13 inputs from 1 file)
+    InputData(4 events, 2 classes ['signal', 'background'], 2 inputs from 0 files)
+    >>> data.class_counts()
+    {'signal': 2, 'background': 2}
     """
 
     X: np.ndarray

@@ -110,6 +110,7 @@ class ClassifierModule(pl.LightningModule):
         config = ModelConfig.model_validate(model_config)
         self.model = build_model(config, n_inputs=n_inputs, n_classes=n_classes)
         weights = torch.ones(n_classes) if class_weights is None else torch.tensor(class_weights)
+        self.class_weights: torch.Tensor
         self.register_buffer("class_weights", weights.float(), persistent=False)
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -163,13 +164,6 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             self.parameters(),
-            lr=self.hparams.learning_rate,
-            weight_decay=self.hparams.weight_decay,
-        )
-
-    def __repr__(self) -> str:
-        h = self.hparams
-        return (
-            f"ClassifierModule(model={h.model_config}, n_inputs={h.n_inputs}, "
-            f"n_classes={h.n_classes}, learning_rate={h.learning_rate:g})"
+            lr=self.hparams["learning_rate"],
+            weight_decay=self.hparams["weight_decay"],
         )

@@ -407,7 +407,11 @@ class Trainer:
             )
             for key, which in idx.items()
         }
+        # the splits hold copies now; drop the full-size arrays (raw and standardised) so that
+        # training keeps one copy of the data in memory, not three
         del rows
+        data.X = np.empty((0, data.n_inputs), dtype=np.float32)  # a copy, not a view of the old
+        data.valid = np.empty((0, data.n_inputs), dtype=bool)
         train_loader = _loader(
             split_tensors["train"], config.batch_size, shuffle=True, seed=config.seed
         )
