@@ -28,7 +28,18 @@ _LAZY = {
     "Pipeline": "cmsmlkit.pipeline",
 }
 
-__all__ = ["CmsmlError", "__version__", "load_config", *_LAZY]
+__all__ = [
+    "CmsmlError",
+    "HDF5Writer",
+    "NanoAODSource",
+    "Pipeline",
+    "Predictor",
+    "Skimmer",
+    "Trainer",
+    "Tuner",
+    "__version__",
+    "load_config",
+]
 
 if TYPE_CHECKING:
     from .data.hdf5 import HDF5Writer

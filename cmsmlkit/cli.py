@@ -74,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
             "to HDF5, train, tune and predict. Prints where each output went and the test AUC."
         ),
     )
-    demo.add_argument("--out", default="cmsml-demo", help="directory for everything (default: %(default)s)")
     demo.add_argument(
-        "--events", type=int, default=20_000, help="events generated per process (default: %(default)s)"
+        "--out", default="cmsml-demo", help="directory for everything (default: %(default)s)"
     )
-    demo.add_argument("--force", action="store_true", help="rerun stages even if their outputs exist")
+    demo.add_argument(
+        "--events",
+        type=int,
+        default=20_000,
+        help="events generated per process (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--force", action="store_true", help="rerun stages even if their outputs exist"
+    )
 
     run = sub.add_parser(
         "run",
@@ -90,11 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
     run.add_argument("--stages", help="comma-separated subset of stages to run, e.g. train,predict")
-    run.add_argument("--force", action="store_true", help="rerun stages even if their outputs exist")
+    run.add_argument(
+        "--force", action="store_true", help="rerun stages even if their outputs exist"
+    )
 
     for stage, (short, long) in _STAGE_HELP.items():
         p = sub.add_parser(stage, help=short, description=long)
-        p.add_argument("config", metavar="CONFIG", help="pipeline YAML holding the sections this stage needs")
+        p.add_argument(
+            "config", metavar="CONFIG", help="pipeline YAML holding the sections this stage needs"
+        )
         p.add_argument("--force", action="store_true", help="rerun even if the outputs exist")
     return parser
 

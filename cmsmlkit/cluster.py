@@ -49,7 +49,9 @@ def dask_client(config: ClusterConfig | None) -> Iterator[Client | None]:
         return
     if config.type == "address":
         if not config.address:
-            raise ConfigError("cluster.type is 'address' but cluster.address is not set (e.g. tcp://host:8786).")
+            raise ConfigError(
+                "cluster.type is 'address' but cluster.address is not set (e.g. tcp://host:8786)."
+            )
         with Client(config.address) as client:
             yield client
         return

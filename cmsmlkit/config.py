@@ -80,7 +80,9 @@ class BaseConfig(BaseModel):
         return validate(cls, data, source=str(path), prefix=section or "")
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if v not in (None, {}, []))
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in self.to_dict().items() if v not in (None, {}, [])
+        )
         return f"{type(self).__name__}({fields})"
 
 
@@ -94,11 +96,14 @@ class ClusterConfig(BaseConfig):
     """
 
     type: Literal["local", "slurm", "htcondor", "address"] = Field(
-        "local", description="local (this machine), slurm, htcondor, or the address of a running scheduler"
+        "local",
+        description="local (this machine), slurm, htcondor, or the address of a running scheduler",
     )
     workers: int = Field(1, ge=1, description="number of workers (jobs on a batch cluster)")
     threads_per_worker: int = Field(1, ge=1, description="threads per worker")
-    address: str | None = Field(None, description="scheduler address, e.g. tcp://host:8786 (type: address)")
+    address: str | None = Field(
+        None, description="scheduler address, e.g. tcp://host:8786 (type: address)"
+    )
 
 
 # --------------------------------------------------------------------------- data stages
@@ -112,7 +117,9 @@ class DatasetConfig(BaseConfig):
     is_mc: bool = Field(True, description="simulation (has genWeight) or collision data")
     xsec: float | None = Field(None, gt=0, description="cross-section in pb, for normalisation")
     max_files: int | None = Field(None, ge=1, description="use at most this many files")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="anything else to carry along")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="anything else to carry along"
+    )
 
     @field_validator("files", mode="before")
     @classmethod
@@ -123,24 +130,34 @@ class DatasetConfig(BaseConfig):
 class SourceConfig(BaseConfig):
     """The input datasets (NanoAODSource)."""
 
-    datasets: dict[str, DatasetConfig] = Field(..., min_length=1, description="dataset name -> dataset")
+    datasets: dict[str, DatasetConfig] = Field(
+        ..., min_length=1, description="dataset name -> dataset"
+    )
     treename: str = Field("Events", description="the TTree holding the events")
-    redirector: str = Field("root://cms-xrd-global.cern.ch/", description="XRootD redirector for /store paths")
+    redirector: str = Field(
+        "root://cms-xrd-global.cern.ch/", description="XRootD redirector for /store paths"
+    )
 
 
 class ObjectConfig(BaseConfig):
     """A selected collection: ``{from: Jet, where: "pt > 30"}``."""
 
-    from_: str = Field(..., alias="from", description="the NanoAOD collection (or defined object) to select from")
+    from_: str = Field(
+        ..., alias="from", description="the NanoAOD collection (or defined object) to select from"
+    )
     where: str = Field("", description="expression over the collection's fields; empty keeps all")
 
 
 class SelectionConfig(BaseConfig):
     """Object definitions, event cuts and derived variables (DESIGN.md, selection)."""
 
-    objects: dict[str, ObjectConfig] = Field(default_factory=dict, description="new collection -> definition")
+    objects: dict[str, ObjectConfig] = Field(
+        default_factory=dict, description="new collection -> definition"
+    )
     cuts: list[str] = Field(default_factory=list, description="event cuts, applied in order")
-    variables: dict[str, str] = Field(default_factory=dict, description="per-event variable -> expression")
+    variables: dict[str, str] = Field(
+        default_factory=dict, description="per-event variable -> expression"
+    )
 
 
 class SkimConfig(BaseConfig):
@@ -152,18 +169,30 @@ class SkimConfig(BaseConfig):
         description="collections to keep -> fields (wildcards allowed, ['*'] for all)",
     )
     chunksize: int = Field(100_000, ge=1, description="events per chunk")
-    output: str | None = Field(None, description="directory for skimmed ROOT files; none keeps results in memory")
-    skip_bad_files: bool = Field(False, description="skip unreadable files with a report instead of stopping")
+    output: str | None = Field(
+        None, description="directory for skimmed ROOT files; none keeps results in memory"
+    )
+    skip_bad_files: bool = Field(
+        False, description="skip unreadable files with a report instead of stopping"
+    )
 
 
 class CollectionConfig(BaseConfig):
     """How one jagged collection is padded to a fixed length."""
 
-    max_len: int | None = Field(None, ge=1, description="objects kept per event; none chooses from the data")
-    quantile: float = Field(0.95, gt=0, le=1, description="multiplicity quantile that sets max_len when it is none")
-    sort_by: str | None = Field("pt", description="field to order objects by (descending); none keeps file order")
+    max_len: int | None = Field(
+        None, ge=1, description="objects kept per event; none chooses from the data"
+    )
+    quantile: float = Field(
+        0.95, gt=0, le=1, description="multiplicity quantile that sets max_len when it is none"
+    )
+    sort_by: str | None = Field(
+        "pt", description="field to order objects by (descending); none keeps file order"
+    )
     pad_value: float = Field(0.0, description="value in padded slots")
-    fields: list[str] = Field(default_factory=lambda: ["*"], description="fields to write (wildcards)")
+    fields: list[str] = Field(
+        default_factory=lambda: ["*"], description="fields to write (wildcards)"
+    )
 
 
 class ConvertConfig(BaseConfig):
@@ -171,10 +200,15 @@ class ConvertConfig(BaseConfig):
 
     output: str = Field("data.h5", description="HDF5 file to write")
     collections: dict[str, CollectionConfig] = Field(
-        default_factory=dict, description="collection -> padding; unlisted collections use the defaults"
+        default_factory=dict,
+        description="collection -> padding; unlisted collections use the defaults",
     )
-    scalars: list[str] = Field(default_factory=lambda: ["*"], description="per-event variables to write (wildcards)")
-    lumi: float = Field(1.0, gt=0, description="integrated luminosity in /pb for xsec normalisation")
+    scalars: list[str] = Field(
+        default_factory=lambda: ["*"], description="per-event variables to write (wildcards)"
+    )
+    lumi: float = Field(
+        1.0, gt=0, description="integrated luminosity in /pb for xsec normalisation"
+    )
     compression: Literal["none", "lzf", "gzip"] = Field("lzf", description="HDF5 filter")
     shuffle: bool = Field(True, description="shuffle rows across datasets (seeded)")
     seed: int = Field(42, description="seed of the row shuffle")
@@ -187,16 +221,22 @@ class ModelConfig(BaseConfig):
     """The network architecture."""
 
     type: Literal["mlp"] = Field("mlp", description="model family")
-    hidden: list[int] = Field(default_factory=lambda: [64, 64], min_length=1, description="hidden layer widths")
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 64], min_length=1, description="hidden layer widths"
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout probability")
-    activation: Literal["relu", "gelu", "silu", "tanh", "elu"] = Field("relu", description="activation function")
+    activation: Literal["relu", "gelu", "silu", "tanh", "elu"] = Field(
+        "relu", description="activation function"
+    )
 
 
 class TrackingConfig(BaseConfig):
     """MLflow tracking."""
 
     enabled: bool = Field(True, description="log to MLflow")
-    uri: str | None = Field(None, description="tracking URI; none means sqlite:///mlflow.db beside the output directory")
+    uri: str | None = Field(
+        None, description="tracking URI; none means sqlite:///mlflow.db beside the output directory"
+    )
     experiment: str = Field("cmsmlkit", description="MLflow experiment name")
 
 
@@ -206,7 +246,8 @@ class TrainConfig(BaseConfig):
     inputs: list[str] = Field(default_factory=list, description="HDF5 files or globs")
     output: str = Field("model", description="directory of the model bundle")
     features: list[str] = Field(
-        default_factory=lambda: ["*"], description="scalar names and Collection.field names, wildcards allowed"
+        default_factory=lambda: ["*"],
+        description="scalar names and Collection.field names, wildcards allowed",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     batch_size: int = Field(512, ge=1)
@@ -246,14 +287,25 @@ class TuneConfig(BaseConfig):
     n_trials: int = Field(10, ge=1, description="number of models to train")
     timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
     target: float | None = Field(None, description="stop when the validation AUC reaches this")
-    storage: str | None = Field(None, description="Optuna storage URL; none means sqlite in the output directory")
-    study_name: str = Field("cmsmlkit")
-    depth: list[int] = Field(default_factory=lambda: [1, 4], min_length=2, max_length=2, description="[min, max]")
-    width: list[int] = Field(default_factory=lambda: [16, 256], min_length=2, max_length=2, description="[min, max]")
-    learning_rate: list[float] = Field(
-        default_factory=lambda: [1e-4, 1e-2], min_length=2, max_length=2, description="[min, max], log scale"
+    storage: str | None = Field(
+        None, description="Optuna storage URL; none means sqlite in the output directory"
     )
-    max_epochs: int | None = Field(None, ge=1, description="epochs per trial; none uses train.max_epochs")
+    study_name: str = Field("cmsmlkit")
+    depth: list[int] = Field(
+        default_factory=lambda: [1, 4], min_length=2, max_length=2, description="[min, max]"
+    )
+    width: list[int] = Field(
+        default_factory=lambda: [16, 256], min_length=2, max_length=2, description="[min, max]"
+    )
+    learning_rate: list[float] = Field(
+        default_factory=lambda: [1e-4, 1e-2],
+        min_length=2,
+        max_length=2,
+        description="[min, max], log scale",
+    )
+    max_epochs: int | None = Field(
+        None, ge=1, description="epochs per trial; none uses train.max_epochs"
+    )
     seed: int = Field(42)
 
 
@@ -293,7 +345,9 @@ class _SafeLoader(yaml.SafeLoader):
     """Safe loader that refuses duplicate keys (a silent override is a classic YAML trap)."""
 
 
-def _no_duplicates(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _no_duplicates(
+    loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
@@ -311,7 +365,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
-    flow = all(isinstance(x, (int, float, str)) and len(str(x)) < 40 for x in data) and len(data) <= 8
+    flow = (
+        all(isinstance(x, (int, float, str)) and len(str(x)) < 40 for x in data) and len(data) <= 8
+    )
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
@@ -396,7 +452,9 @@ _TYPE_WORDS = {
 def _describe(error: dict[str, Any], cls: type[BaseModel], prefix: str) -> str:
     loc = tuple(error["loc"])
     # a Union's branch name (e.g. 'list[float]') shows up in loc; keep the user's path only
-    user_loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("literal"))))
+    user_loc = tuple(
+        p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("literal")))
+    )
     path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + user_loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -435,7 +493,9 @@ def validate(cls: type[C], data: Any, *, source: str | None = None, prefix: str 
         raise ConfigError(where + "invalid configuration:\n  - " + "\n  - ".join(lines)) from None
 
 
-def build_config(cls: type[C], config: C | dict[str, Any] | str | Path | None, overrides: dict[str, Any]) -> C:
+def build_config(
+    cls: type[C], config: C | dict[str, Any] | str | Path | None, overrides: dict[str, Any]
+) -> C:
     """What every stage's constructor does: a config object, a dict, a YAML path, and/or keywords.
 
     Keywords override the fields of ``config``; the result is validated as a whole.
@@ -453,8 +513,12 @@ def build_config(cls: type[C], config: C | dict[str, Any] | str | Path | None, o
         data = dict(config)
         source = None
     else:
-        raise ConfigError(f"expected a {cls.__name__}, a dict or a YAML path, not {type(config).__name__}.")
-    data.update({k: (v.to_dict() if isinstance(v, BaseConfig) else v) for k, v in overrides.items()})
+        raise ConfigError(
+            f"expected a {cls.__name__}, a dict or a YAML path, not {type(config).__name__}."
+        )
+    data.update(
+        {k: (v.to_dict() if isinstance(v, BaseConfig) else v) for k, v in overrides.items()}
+    )
     return validate(cls, data, source=source)
 
 

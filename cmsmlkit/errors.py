@@ -30,7 +30,9 @@ def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     matches = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
     if not matches:
         lowered = {c.lower(): c for c in candidates}
-        matches = [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.5)]
+        matches = [
+            lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.5)
+        ]
     return matches
 
 

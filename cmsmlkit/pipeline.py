@@ -119,7 +119,8 @@ class Pipeline:
             return None
         if section == "source":
             datasets = {
-                name: ds.model_copy(update={"files": self._files(ds.files)}) for name, ds in cfg.datasets.items()
+                name: ds.model_copy(update={"files": self._files(ds.files)})
+                for name, ds in cfg.datasets.items()
             }
             return cfg.model_copy(update={"datasets": datasets})
         update: dict[str, Any] = {}
@@ -149,7 +150,11 @@ class Pipeline:
         except (OSError, json.JSONDecodeError):
             return None
         outputs = [Path(p) for p in record.get("outputs", [])]
-        if record.get("hash") != self._hash(stage) or not outputs or not all(p.exists() for p in outputs):
+        if (
+            record.get("hash") != self._hash(stage)
+            or not outputs
+            or not all(p.exists() for p in outputs)
+        ):
             return None
         return outputs
 
@@ -238,7 +243,9 @@ class Pipeline:
         cfg = self._resolved("train")
         if not cfg.inputs:
             if self.config.convert is None:
-                raise ConfigError("train.inputs is empty and there is no 'convert:' section to take it from.")
+                raise ConfigError(
+                    "train.inputs is empty and there is no 'convert:' section to take it from."
+                )
             cfg = cfg.model_copy(update={"inputs": [str(self.path(self.config.convert.output))]})
         return cfg
 
@@ -251,7 +258,9 @@ class Pipeline:
     def _run_tune(self) -> tuple[list[Path], Any]:
         from .ml.tuner import Tuner
 
-        tuner = Tuner(self._resolved("tune"), train=self._train_config(), cluster=self.config.cluster)
+        tuner = Tuner(
+            self._resolved("tune"), train=self._train_config(), cluster=self.config.cluster
+        )
         result = tuner.run()
         return [Path(result.bundle_path) / "bundle.json"], result
 
@@ -278,4 +287,3 @@ class _FinishedTraining:
         metrics_file = path / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         return cls(bundle_path=path, metrics=metrics)
-

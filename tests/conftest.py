@@ -30,14 +30,29 @@ DEMO_SKIM = {
         "objects": {
             "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
             "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
-            "GoodElectron": {"from": "Electron", "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3"},
+            "GoodElectron": {
+                "from": "Electron",
+                "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3",
+            },
         },
         "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
-        "variables": {"ht": "sum(GoodJet.pt)", "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])", "met": "MET.pt"},
+        "variables": {
+            "ht": "sum(GoodJet.pt)",
+            "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])",
+            "met": "MET.pt",
+        },
     },
-    "collections": {"GoodJet": ["pt", "eta", "btagDeepFlavB"], "GoodMuon": ["pt", "eta"], "GoodElectron": ["pt"]},
+    "collections": {
+        "GoodJet": ["pt", "eta", "btagDeepFlavB"],
+        "GoodMuon": ["pt", "eta"],
+        "GoodElectron": ["pt"],
+    },
 }
-DEMO_PADDING = {"GoodJet": {"max_len": 5}, "GoodMuon": {"max_len": 2}, "GoodElectron": {"max_len": 2}}
+DEMO_PADDING = {
+    "GoodJet": {"max_len": 5},
+    "GoodMuon": {"max_len": 2},
+    "GoodElectron": {"max_len": 2},
+}
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +71,22 @@ def demo_chain(tmp_path_factory, demo_files):
     )
     skimmer = Skimmer(DEMO_SKIM)
     skim = skimmer.run(source.fileset())
-    h5 = HDF5Writer(output=str(out / "demo.h5"), collections=DEMO_PADDING).write(skim, skim_config=skimmer.config)
+    h5 = HDF5Writer(output=str(out / "demo.h5"), collections=DEMO_PADDING).write(
+        skim, skim_config=skimmer.config
+    )
     trained = Trainer(
-        inputs=[str(h5)], output=str(out / "model"), max_epochs=3, batch_size=256, tracking={"enabled": False}
+        inputs=[str(h5)],
+        output=str(out / "model"),
+        max_epochs=3,
+        batch_size=256,
+        tracking={"enabled": False},
     ).fit()
     return SimpleNamespace(
-        dir=out, files=demo_files, skim=skim, skim_config=skimmer.config, h5=h5, bundle=trained.bundle_path,
+        dir=out,
+        files=demo_files,
+        skim=skim,
+        skim_config=skimmer.config,
+        h5=h5,
+        bundle=trained.bundle_path,
         train=trained,
     )

@@ -86,5 +86,7 @@ def test_demo_chain_end_to_end(tmp_path, capsys):
 
 
 def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "cmsmlkit.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cmsmlkit.cli", "--version"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "cmsmlkit" in out.stdout

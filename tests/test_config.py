@@ -66,7 +66,9 @@ def test_unknown_key_inside_a_dict_of_models(tmp_path):
         tmp_path,
         "skim:\n  selection:\n    objects:\n      GoodJet: {form: Jet, where: 'pt > 30'}\n",
     )
-    with pytest.raises(ConfigError, match=r"skim\.selection\.objects\.GoodJet\.form'\. Did you mean 'from'\?"):
+    with pytest.raises(
+        ConfigError, match=r"skim\.selection\.objects\.GoodJet\.form'\. Did you mean 'from'\?"
+    ):
         load_config(path)
 
 
@@ -87,7 +89,10 @@ def test_wrong_type_names_the_expected_type(tmp_path):
 
 def test_literal_choices_are_listed(tmp_path):
     path = write(tmp_path, "cluster: {type: condor}\n")
-    with pytest.raises(ConfigError, match=r"'cluster.type' must be one of 'local', 'slurm', 'htcondor' or 'address'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'cluster.type' must be one of 'local', 'slurm', 'htcondor' or 'address'",
+    ):
         load_config(path)
 
 

@@ -9,7 +9,15 @@ import cmsmlkit
 
 
 def test_public_names():
-    for name in ("NanoAODSource", "Skimmer", "HDF5Writer", "Trainer", "Tuner", "Predictor", "load_config"):
+    for name in (
+        "NanoAODSource",
+        "Skimmer",
+        "HDF5Writer",
+        "Trainer",
+        "Tuner",
+        "Predictor",
+        "load_config",
+    ):
         assert name in cmsmlkit.__all__
         assert name in dir(cmsmlkit)
 

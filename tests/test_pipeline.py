@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import yaml
+from conftest import DEMO_PADDING, DEMO_SKIM
 
 from cmsmlkit import Pipeline, load_config
 from cmsmlkit.errors import ConfigError
-from conftest import DEMO_PADDING, DEMO_SKIM
 
 
 @pytest.fixture
@@ -28,7 +28,12 @@ def pipeline_dir(tmp_path, demo_files):
         },
         "skim": DEMO_SKIM,
         "convert": {"output": "out/demo.h5", "collections": DEMO_PADDING},
-        "train": {"output": "out/model", "max_epochs": 2, "batch_size": 256, "tracking": {"enabled": False}},
+        "train": {
+            "output": "out/model",
+            "max_epochs": 2,
+            "batch_size": 256,
+            "tracking": {"enabled": False},
+        },
         "predict": {"bundle": "out/model", "inputs": ["data/new.root"], "output": "out/scores"},
     }
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -38,7 +43,11 @@ def pipeline_dir(tmp_path, demo_files):
 @pytest.mark.slow
 def test_runs_every_stage_then_skips_them(pipeline_dir):
     result = Pipeline(pipeline_dir / "pipeline.yaml").run()
-    assert list(result.outputs) == ["convert", "train", "predict"]  # skim without output feeds convert in memory
+    assert list(result.outputs) == [
+        "convert",
+        "train",
+        "predict",
+    ]  # skim without output feeds convert in memory
     assert result.outputs["convert"] == [pipeline_dir / "out" / "demo.h5"]
     assert result.outputs["predict"] == [pipeline_dir / "out" / "scores" / "new.h5"]
     assert 0.6 < result.test_auc < 1.0
@@ -55,12 +64,16 @@ def test_runs_every_stage_then_skips_them(pipeline_dir):
     assert changed.skipped == ["convert"]
 
 
-def test_relative_paths_are_taken_from_the_yaml_directory(pipeline_dir, tmp_path_factory, monkeypatch):
+def test_relative_paths_are_taken_from_the_yaml_directory(
+    pipeline_dir, tmp_path_factory, monkeypatch
+):
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     pipeline = Pipeline(pipeline_dir / "pipeline.yaml")
     assert pipeline.base_dir == pipeline_dir
     assert pipeline._resolved("convert").output == str(pipeline_dir / "out" / "demo.h5")
-    assert pipeline._resolved("source").datasets["ttbar"].files == [str(pipeline_dir / "data" / "ttbar.root")]
+    assert pipeline._resolved("source").datasets["ttbar"].files == [
+        str(pipeline_dir / "data" / "ttbar.root")
+    ]
     assert pipeline.stages() == ["convert", "train", "predict"]
 
 

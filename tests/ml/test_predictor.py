@@ -23,9 +23,18 @@ def test_nanoaod_and_hdf5_of_the_same_events_score_identically(demo_chain, tmp_p
     """The bundle's selection and padding reproduce the training preprocessing exactly."""
     new = demo_chain.files["new"]
     skim = Skimmer(demo_chain.skim_config).run(
-        {"new": {"files": {str(new[0]): "Events"}, "metadata": {"dataset": "new", "label": "signal", "is_mc": True}}}
+        {
+            "new": {
+                "files": {str(new[0]): "Events"},
+                "metadata": {"dataset": "new", "label": "signal", "is_mc": True},
+            }
+        }
     )
-    padding = {"GoodJet": {"max_len": 5}, "GoodMuon": {"max_len": 2}, "GoodElectron": {"max_len": 2}}
+    padding = {
+        "GoodJet": {"max_len": 5},
+        "GoodMuon": {"max_len": 2},
+        "GoodElectron": {"max_len": 2},
+    }
     h5 = HDF5Writer(output=str(tmp_path / "new.h5"), collections=padding, shuffle=False).write(skim)
     predictor = Predictor.from_bundle(demo_chain.bundle)
     from_root = predictor.predict(new)
@@ -36,7 +45,9 @@ def test_nanoaod_and_hdf5_of_the_same_events_score_identically(demo_chain, tmp_p
 
 def test_predict_files_writes_scores_with_event_ids(demo_chain, tmp_path):
     predictor = Predictor.from_bundle(demo_chain.bundle)
-    paths = predictor.predict_files([str(demo_chain.h5), str(demo_chain.files["new"][0])], tmp_path / "out")
+    paths = predictor.predict_files(
+        [str(demo_chain.h5), str(demo_chain.files["new"][0])], tmp_path / "out"
+    )
     assert [p.name for p in paths] == ["demo.h5", "new.h5"]
     assert not list((tmp_path / "out").glob("*.tmp"))
     with h5py.File(paths[0]) as f, h5py.File(demo_chain.h5) as src:
@@ -86,5 +97,5 @@ def test_missing_input_and_missing_bundle_errors(demo_chain, tmp_path):
 def test_repr_names_the_bundle(demo_chain):
     predictor = Predictor(bundle=str(demo_chain.bundle))
     assert "not loaded yet" in repr(predictor)
-    predictor.bundle
+    _ = predictor.bundle
     assert "signal" in repr(predictor)

@@ -34,7 +34,9 @@ def test_study_runs_trials_and_keeps_the_best_bundle(demo_chain, tmp_path):
 def test_a_rerun_resumes_the_stored_study(demo_chain, tmp_path):
     _tuner(demo_chain, tmp_path / "tune", n_trials=1).run()
     result = _tuner(demo_chain, tmp_path / "tune", n_trials=2).run()
-    study = optuna.load_study(study_name="cmsmlkit", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    study = optuna.load_study(
+        study_name="cmsmlkit", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}"
+    )
     assert len(study.trials) == 2 == result.n_trials
 
 
