@@ -83,3 +83,64 @@ def test_a_stage_without_its_section_is_an_error(tmp_path):
         Pipeline(tmp_path / "p.yaml").run(["predict"])
     with pytest.raises(ConfigError, match="unknown stage 'trian'"):
         Pipeline(tmp_path / "p.yaml").run(["trian"])
+
+
+@pytest.mark.slow
+def test_every_stage_on_real_nanoaod(tmp_path, nanoaod_dir):
+    """Real CMS NanoAOD (ttbar against Drell-Yan, plus the 0-event file) through all six stages."""
+    config = {
+        "source": {
+            "datasets": {
+                "tt": {"files": [str(nanoaod_dir / "nano_tt_v12.root")], "label": "ttbar"},
+                "dy": {
+                    "files": [
+                        str(nanoaod_dir / "nano_dy.root"),
+                        str(nanoaod_dir / "nano_dy_empty.root"),
+                    ],
+                    "label": "dy",
+                },
+            }
+        },
+        "skim": {
+            "selection": {
+                "objects": {"GoodJet": {"from": "Jet", "where": "pt > 20 & abs(eta) < 2.5"}},
+                "cuts": ["num(GoodJet) >= 1"],
+                "variables": {"ht": "sum(GoodJet.pt)", "n_jets": "num(GoodJet)", "met": "MET.pt"},
+            },
+            "collections": {"GoodJet": ["pt", "eta"]},
+        },
+        "convert": {"output": "real.h5", "collections": {"GoodJet": {"max_len": 4}}},
+        "train": {
+            "output": "model",
+            "max_epochs": 3,
+            "batch_size": 32,
+            "tracking": {"enabled": False},
+        },
+        "tune": {"output": "tune", "n_trials": 1, "max_epochs": 1},
+        "predict": {
+            "bundle": "model",
+            "inputs": [str(nanoaod_dir / "nano_dy.root"), str(nanoaod_dir / "nano_dy_empty.root")],
+            "output": "scores",
+        },
+    }
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = Pipeline(tmp_path / "pipeline.yaml").run()
+    assert list(result.outputs) == ["convert", "train", "tune", "predict"]
+
+    import h5py
+
+    with h5py.File(tmp_path / "real.h5") as f:
+        n = len(f["label"])
+        assert 0 < n <= 240  # 200 ttbar + 40 Drell-Yan events before the cut
+        assert list(f["label"].attrs["class_names"]) == ["ttbar", "dy"]
+        assert f["objects/GoodJet/pt"].shape == (n, 4)
+        assert set(f["label"][:]) == {0, 1}
+    # A handful of test events only: the AUC is a number between 0 and 1, nothing finer.
+    assert 0.0 <= result.test_auc <= 1.0
+    assert (tmp_path / "tune" / "best" / "bundle.json").is_file()
+    with (
+        h5py.File(tmp_path / "scores" / "nano_dy.h5") as f,
+        h5py.File(tmp_path / "scores" / "nano_dy_empty.h5") as empty,
+    ):
+        assert 0 < len(f["scores"]) <= 40 and f["scores"].shape[1] == 2
+        assert empty["scores"].shape == (0, 2)
