@@ -107,7 +107,78 @@ def build_parser() -> argparse.ArgumentParser:
             "config", metavar="CONFIG", help="pipeline YAML holding the sections this stage needs"
         )
         p.add_argument("--force", action="store_true", help="rerun even if the outputs exist")
+
+    from .submit import add_parsers as add_submit_parsers
+
+    add_submit_parsers(sub)  # `cmsml submit`, `cmsml jobs`
+    _add_doctor_and_init(sub)  # `cmsml doctor`, `cmsml init`
     return parser
+
+
+def _add_doctor_and_init(sub: Any) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the environment and say how to fix what is missing",
+        description=(
+            "Check this environment for cmsmlkit: package versions, the GRID proxy and its time "
+            "left, an XRootD redirector, dasgoclient, a GPU, and the HTCondor/SLURM tools. Prints "
+            "OK/WARN/MISSING with the fix for each; exits 1 only if something required is missing."
+        ),
+    )
+    doctor.add_argument(
+        "--redirector",
+        default="root://cms-xrd-global.cern.ch/",
+        help="XRootD redirector to ping (default: %(default)s)",
+    )
+    doctor.add_argument("--offline", action="store_true", help="skip the XRootD ping")
+    doctor.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds for the ping (default: %(default)s)"
+    )
+    init = sub.add_parser(
+        "init",
+        help="write a commented starter pipeline YAML for your datasets",
+        description=(
+            "Write a commented starter pipeline YAML (source, skim, convert, train; tune and "
+            "predict commented out) for your datasets, each given as NAME=LABEL:FILES, e.g. "
+            "--dataset ttbar=signal:/eos/user/j/jdoe/ttbar/*.root. An existing file is kept "
+            "unless --force."
+        ),
+    )
+    init.add_argument(
+        "path", metavar="PIPELINE", nargs="?", default="pipeline.yaml", help="file to write"
+    )
+    init.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=LABEL:FILES",
+        help="a dataset, its class and its files (comma-separated); repeat for each dataset",
+    )
+    init.add_argument(
+        "--cluster",
+        choices=["local", "htcondor", "slurm"],
+        default="local",
+        help="where the stages run (default: %(default)s)",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    checks = doctor.run_checks(
+        redirector=args.redirector, network=not args.offline, timeout=args.timeout
+    )
+    print(doctor.format_table(checks))
+    return doctor.exit_status(checks)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .starter import write_starter
+
+    path = write_starter(args.path, args.dataset, cluster=args.cluster, force=args.force)
+    print(f"wrote {path}: edit it, then run `cmsml run {path}`")
+    return 0
 
 
 def _report(result: Any) -> None:
@@ -145,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command in ("submit", "jobs"):
+            from .submit import run_command
+
+            return run_command(args)
+        if args.command in ("doctor", "init"):
+            return _doctor(args) if args.command == "doctor" else _init(args)
         if args.command == "demo":
             result = _demo(args)
         else:

@@ -12,7 +12,8 @@ What an expression may hold
   level of field access ``Coll.field``; nothing starting with ``_``;
 - subscripts: ``[:, 0]`` (the first object of every event), slices
   ``[:, :2]``, and boolean masks ``GoodJet[GoodJet.pt > 50]``;
-- arithmetic ``+ - * / // % **``, unary ``-``, ``~`` and ``not``;
+- arithmetic ``+ - * / // % **``, unary ``-``, ``~`` and ``not`` (an
+  exponent may not exceed :data:`MAX_EXPONENT` in size: ``10**10**10`` is refused);
 - comparisons, chained ones too (``0 < x < 5``);
 - ``&``, ``|`` (and ``and``, ``or``) as elementwise logic. They bind *looser*
   than comparisons, as in C++ and ``TTree::Draw``: ``pt > 25 & abs(eta) < 2.4``
@@ -25,6 +26,14 @@ list (``axis=-1``): ``sum(GoodJet.pt)`` is the scalar sum per event. ``min``,
 ``max`` and ``mean`` of an empty list give NaN (so a cut on them is False and
 a variable is NaN); ``sum`` of an empty list is 0, ``any`` False, ``all`` True.
 ``min(a, b)`` and ``max(a, b)`` with two arguments are elementwise.
+
+Physics helpers: ``inv_mass(GoodMuon[:, 0], GoodMuon[:, 1])`` is the invariant
+mass of a pair (any number of objects, or whole collections, summed through
+coffea's Lorentz-vector behaviour; each needs ``pt eta phi mass``);
+``delta_r(GoodJet[:, 0], GoodMuon[:, 0])`` the distance of two objects (or
+``delta_r(eta1, phi1, eta2, phi2)``); ``min_delta_r(Jet, GoodMuon)`` the
+distance of each jet to its nearest muon (``inf`` when there is none), for
+cleaning: ``GoodJet: {from: Jet, where: "pt > 30 & min_delta_r(Jet, GoodMuon) > 0.4"}``.
 
 >>> import awkward as ak
 >>> jets = ak.Array([[{"pt": 50.0}, {"pt": 20.0}], []])
@@ -47,10 +56,14 @@ import numpy as np
 
 from ..errors import ExpressionError, closest
 
-__all__ = ["FUNCTIONS", "CONSTANTS", "Expression", "FieldNamespace", "parse"]
+__all__ = ["FUNCTIONS", "CONSTANTS", "MAX_EXPONENT", "Expression", "FieldNamespace", "parse"]
 
 #: Named constants an expression may use.
 CONSTANTS: dict[str, float] = {"pi": math.pi}
+
+#: The largest exponent (in size) ``a ** b`` accepts: no physics needs more, and
+#: Python's whole numbers would otherwise let ``10**10**10`` run out of memory.
+MAX_EXPONENT = 100
 
 
 # --------------------------------------------------------------------------- functions
@@ -126,36 +139,85 @@ def delta_phi(phi1: Any, phi2: Any) -> Any:
     return (phi1 - phi2 + np.pi) % (2 * np.pi) - np.pi
 
 
-def delta_r(eta1: Any, phi1: Any, eta2: Any, phi2: Any) -> Any:
-    """sqrt(delta_eta**2 + delta_phi**2)."""
+def _need_fields(func: str, obj: Any, needed: tuple[str, ...]) -> None:
+    fields = getattr(obj, "fields", [])
+    missing = [f for f in needed if f not in fields]
+    if missing:
+        raise _Usage(
+            f"{func}() needs objects with fields {', '.join(needed)}; "
+            f"an argument lacks {', '.join(missing)}"
+        )
+
+
+def delta_r(*args: Any) -> Any:
+    """``delta_r(a, b)`` of two objects (fields eta, phi), or ``delta_r(eta1, phi1, eta2, phi2)``.
+
+    sqrt(delta_eta**2 + delta_phi**2), broadcast per event (an object against a
+    collection gives one value per object).
+    """
+    if len(args) == 2:
+        a, b = args
+        _need_fields("delta_r", a, ("eta", "phi"))
+        _need_fields("delta_r", b, ("eta", "phi"))
+        args = (a["eta"], a["phi"], b["eta"], b["phi"])
+    elif len(args) != 4:
+        raise _Usage("delta_r() takes two objects or four numbers (eta1, phi1, eta2, phi2)")
+    eta1, phi1, eta2, phi2 = args
     return np.sqrt((eta1 - eta2) ** 2 + delta_phi(phi1, phi2) ** 2)
 
 
+def min_delta_r(objects: Any, others: Any) -> Any:
+    """For each object of ``objects``, the delta-R to the nearest of ``others`` (inf if none).
+
+    Both are collections (a list per event) with fields eta and phi; the
+    result has one value per object of ``objects``.
+    """
+    for x in (objects, others):
+        if not _is_list(x):
+            raise _Usage("min_delta_r() takes two collections, e.g. min_delta_r(Jet, GoodMuon)")
+        _need_fields("min_delta_r", x, ("eta", "phi"))
+    a = ak.zip({"eta": objects["eta"], "phi": objects["phi"]})
+    b = ak.zip({"eta": others["eta"], "phi": others["phi"]})
+    pairs = ak.cartesian({"a": a, "b": b}, axis=1, nested=True)
+    dr = delta_r(pairs["a"]["eta"], pairs["a"]["phi"], pairs["b"]["eta"], pairs["b"]["phi"])
+    return ak.fill_none(ak.min(dr, axis=-1), np.inf)
+
+
 def inv_mass(*objects: Any) -> Any:
-    """Invariant mass of the sum of all given objects, per event.
+    """Invariant mass of the sum of all given objects, per event (coffea's Lorentz vectors).
 
     Each argument is a collection (a list of objects per event, all of which
     are summed) or one object per event (``GoodMuon[:, 0]``); each needs the
     fields ``pt``, ``eta``, ``phi`` and ``mass``. An event with no object gives 0.
     """
-    total = [0.0, 0.0, 0.0, 0.0]
+    from coffea.nanoevents.methods import vector
+
+    total: Any = None
     for obj in objects:
-        fields = getattr(obj, "fields", [])
-        missing = [f for f in ("pt", "eta", "phi", "mass") if f not in fields]
-        if missing:
-            raise _Usage(
-                "inv_mass() needs objects with fields pt, eta, phi, mass; "
-                f"an argument lacks {', '.join(missing)}"
-            )
-        pt, eta, phi, mass = obj["pt"], obj["eta"], obj["phi"], obj["mass"]
-        px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
-        energy = np.sqrt(px**2 + py**2 + pz**2 + mass**2)
-        parts = [energy, px, py, pz]
+        _need_fields("inv_mass", obj, ("pt", "eta", "phi", "mass"))
+        p4 = ak.zip(
+            {f: obj[f] for f in ("pt", "eta", "phi", "mass")},
+            with_name="PtEtaPhiMLorentzVector",
+            behavior=vector.behavior,
+        )
         if _is_list(obj):
-            parts = [ak.sum(p, axis=-1) for p in parts]
-        total = [t + p for t, p in zip(total, parts, strict=True)]
-    e, px, py, pz = total
-    return np.sqrt(np.maximum(e**2 - px**2 - py**2 - pz**2, 0.0))
+            p4 = p4.sum(axis=-1)
+        total = p4 if total is None else total + p4
+    return np.sqrt(np.maximum(ak.without_parameters(total.mass2), 0.0))
+
+
+def _power(base: Any, exponent: Any) -> Any:
+    """``base ** exponent`` that refuses huge exponents and never builds huge whole numbers."""
+    if isinstance(exponent, (int, float, np.number)) and abs(exponent) > MAX_EXPONENT:
+        raise _Usage(f"the exponent {exponent} is too large (at most {MAX_EXPONENT} in size)")
+    if isinstance(base, (int, float)) and isinstance(exponent, (int, float)):
+        try:
+            return float(base) ** float(exponent)
+        except OverflowError:
+            return math.inf
+        except ZeroDivisionError:
+            return math.inf
+    return base**exponent
 
 
 @dataclass(frozen=True)
@@ -197,8 +259,15 @@ FUNCTIONS: dict[str, _Function] = {
     "where": _Function(_where, 3, 3, "where(condition, if_true, if_false)"),
     "clip": _Function(_clip, 3, 3, "clip(x, low, high)"),
     "delta_phi": _Function(delta_phi, 2, 2, "delta_phi(phi1, phi2), in [-pi, pi)"),
-    "delta_r": _Function(delta_r, 4, 4, "delta_r(eta1, phi1, eta2, phi2)"),
-    "inv_mass": _Function(inv_mass, 1, 8, "inv_mass(GoodMuon) or inv_mass(mu[:, 0], el[:, 0])"),
+    "delta_r": _Function(
+        delta_r, 2, 4, "delta_r(GoodJet[:, 0], GoodMuon[:, 0]) or delta_r(eta1, phi1, eta2, phi2)"
+    ),
+    "min_delta_r": _Function(
+        min_delta_r, 2, 2, "min_delta_r(Jet, GoodMuon): per jet, delta-R to the nearest muon"
+    ),
+    "inv_mass": _Function(
+        inv_mass, 1, 8, "inv_mass(GoodMuon[:, 0], GoodMuon[:, 1]) or inv_mass(GoodMuon)"
+    ),
 }
 
 
@@ -260,7 +329,7 @@ _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Div: lambda a, b: a / b,
     ast.FloorDiv: lambda a, b: a // b,
     ast.Mod: lambda a, b: a % b,
-    ast.Pow: lambda a, b: a**b,
+    ast.Pow: _power,
     ast.BitAnd: lambda a, b: a & b,
     ast.BitOr: lambda a, b: a | b,
 }
@@ -421,6 +490,14 @@ class Expression:
         elif isinstance(node, ast.BinOp):
             if type(node.op) not in _BINOPS:
                 raise self._error(f"operator {type(node.op).__name__} is not allowed", node)
+            if isinstance(node.op, ast.Pow):
+                exponent = _static_number(node.right)
+                if exponent is not None and not abs(exponent) <= MAX_EXPONENT:
+                    shown = "too large to compute" if math.isinf(exponent) else f"{exponent:g}"
+                    raise self._error(
+                        f"the exponent ({shown}) is too large; at most {MAX_EXPONENT} in size",
+                        node.right,
+                    )
             self._check(node.left)
             self._check(node.right)
         elif isinstance(node, ast.UnaryOp):
@@ -656,6 +733,36 @@ def _static_int(node: ast.AST) -> int | None:
         and type(node.operand.value) is int
     ):
         return -node.operand.value
+    return None
+
+
+def _static_number(node: ast.AST) -> float | None:
+    """The value of a constant sub-expression (numbers and + - * / ** only), else None.
+
+    Folded in floating point, so that checking ``10**10**10`` costs nothing;
+    an exponent beyond :data:`MAX_EXPONENT` folds to inf.
+    """
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _static_number(node.operand)
+        return None if value is None else -value
+    if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Pow):
+        left, right = _static_number(node.left), _static_number(node.right)
+        if left is None or right is None:
+            return None
+        try:
+            if isinstance(node.op, ast.Pow):
+                if not abs(right) <= MAX_EXPONENT:
+                    return math.inf
+                return float(abs(left) ** right) if left >= 0 or right.is_integer() else None
+            if isinstance(node.op, ast.Add):
+                return left + right
+            if isinstance(node.op, ast.Sub):
+                return left - right
+            return left * right
+        except (OverflowError, ZeroDivisionError):
+            return math.inf
     return None
 
 

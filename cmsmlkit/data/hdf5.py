@@ -18,6 +18,11 @@ padding, input files, cutflow, sums of weights and datasets as JSON.
 paths to numpy arrays (the "Columns" of docs/internals.md) that the file holds;
 the Predictor uses it to pad new data exactly as the training data were.
 
+:meth:`HDF5Writer.convert` converts NanoAOD ROOT files (skimmed or not)
+directly: read with ``uproot`` in chunks of ``step_size`` events, padded on the
+offsets and appended to resizable datasets, so memory follows the chunk size;
+files convert in parallel on the ``cluster:``, into one file each or merged.
+
 >>> from cmsmlkit.data.hdf5 import HDF5Writer, read_info
 >>> path = HDF5Writer(output="data.h5", collections={"GoodJet": {"max_len": 6}}).write(skim)  # doctest: +SKIP
 >>> read_info(path)["n_events"]  # doctest: +SKIP
@@ -27,25 +32,48 @@ the Predictor uses it to pad new data exactly as the training data were.
 from __future__ import annotations
 
 import fnmatch
+import glob
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import queue
+import shutil
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import CollectionConfig, ConvertConfig, SkimConfig, build_config, dump_yaml
-from ..errors import ConfigError, DataError, InputFileError, did_you_mean
-from .pad import choose_max_len, numeric_fields, pad_collection
+from ..config import (
+    ClusterConfig,
+    CollectionConfig,
+    ConvertConfig,
+    SkimConfig,
+    build_config,
+    dump_yaml,
+)
+from ..errors import ConfigError, DataError, InputFileError, MissingBranchError, did_you_mean
+from .pad import choose_max_len, max_len_from_histogram, numeric_fields, pad, pad_collection
 
 if TYPE_CHECKING:
     import awkward as ak
     import h5py
 
-__all__ = ["HDF5Writer", "columns", "read_info", "EVENT_ID_FIELDS", "RESERVED_FIELDS"]
+__all__ = [
+    "HDF5Writer",
+    "ConvertResult",
+    "columns",
+    "read_info",
+    "open_hdf5",
+    "CODECS",
+    "EVENT_ID_FIELDS",
+    "RESERVED_FIELDS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +84,53 @@ RESERVED_FIELDS = (*EVENT_ID_FIELDS, "genWeight")
 #: Rows per HDF5 chunk (same for every dataset, so the reader's blocks line up).
 CHUNK_ROWS = 32768
 #: Root attributes stored as JSON text.
-JSON_ATTRS = ("padding", "input_files", "cutflow", "sumw", "datasets", "class_names")
+JSON_ATTRS = (
+    "padding",
+    "input_files",
+    "cutflow",
+    "sumw",
+    "datasets",
+    "class_names",
+    "skipped_files",
+)
+#: The compression choices (``convert.compression``).
+CODECS = ("none", "lzf", "gzip", "blosc2-lz4", "blosc2-zstd")
+
+
+def open_hdf5(path: str | Path, mode: str = "r", **kwargs: Any) -> h5py.File:
+    """Open an HDF5 file with h5py after registering hdf5plugin's filters (blosc2).
+
+    Files written with ``compression: blosc2-lz4`` (the default) or ``blosc2-zstd``
+    need ``import hdf5plugin`` before h5py can read them; any ML tool does the same.
+
+    Examples
+    --------
+    >>> with open_hdf5("data.h5") as f:  # doctest: +SKIP
+    ...     pt = f["objects/Jet/pt"][:1000]
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401 - registers the blosc2 filter with HDF5
+
+    return h5py.File(path, mode, **kwargs)
+
+
+def _filter_kwargs(compression: str) -> dict[str, Any]:
+    """h5py ``create_dataset`` keywords of one ``convert.compression`` choice."""
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    if compression.startswith("blosc2-"):
+        import hdf5plugin
+
+        return dict(
+            hdf5plugin.Blosc2(
+                cname=compression.split("-", 1)[1], clevel=5, filters=hdf5plugin.Blosc2.SHUFFLE
+            )
+        )
+    if compression == "none":
+        return {}
+    raise ConfigError(f"unknown compression {compression!r}; choose one of {', '.join(CODECS)}.")
 
 
 # --------------------------------------------------------------------------- columns
@@ -215,10 +289,7 @@ def _create(group: h5py.Group, path: str, array: np.ndarray, compression: str) -
     kwargs: dict[str, Any] = {}
     if n > 0:
         kwargs["chunks"] = (min(n, CHUNK_ROWS), *array.shape[1:])
-        if compression == "lzf":
-            kwargs.update(compression="lzf", shuffle=True)
-        elif compression == "gzip":
-            kwargs.update(compression="gzip", compression_opts=4, shuffle=True)
+        kwargs.update(_filter_kwargs(compression))
     group.create_dataset(path, data=array, **kwargs)
 
 
@@ -230,24 +301,38 @@ class HDF5Writer:
     config : ConvertConfig, dict, str or Path, optional
         The ``convert:`` configuration (a YAML path is read); keyword arguments
         override its fields.
+    cluster : ClusterConfig or dict, optional
+        Where :meth:`convert` runs its per-file work (default: in this process).
     **fields
         Any :class:`~cmsmlkit.config.ConvertConfig` field: ``output``,
-        ``collections``, ``scalars``, ``lumi``, ``compression``, ``shuffle``, ``seed``.
+        ``collections``, ``objects``, ``scalars``, ``lumi``, ``compression``,
+        ``shuffle``, ``seed``, ``inputs``, ``step_size``, ``merge``, ``skip_bad_files``.
 
     Examples
     --------
     >>> from cmsmlkit import HDF5Writer
     >>> writer = HDF5Writer(output="data.h5", collections={"GoodJet": {"max_len": 6}})
     >>> writer
-    HDF5Writer(output='data.h5', collections={'GoodJet': 6}, scalars=['*'], compression='lzf', shuffle=True, seed=42)
+    HDF5Writer(output='data.h5', collections={'GoodJet': 6}, scalars=['*'], compression='blosc2-lz4', shuffle=True, seed=42)
     >>> writer.write(skim_result)  # doctest: +SKIP
     PosixPath('data.h5')
+    >>> HDF5Writer(output="jets.h5", objects=["Jet"]).convert({"signal": ["ttbar_*.root"]})  # doctest: +SKIP
+    ConvertResult(outputs=['jets.h5'], n_events=1000000, converted=1, reused=0, skipped=0)
     """
 
     def __init__(
-        self, config: ConvertConfig | dict[str, Any] | str | Path | None = None, **fields: Any
+        self,
+        config: ConvertConfig | dict[str, Any] | str | Path | None = None,
+        *,
+        cluster: ClusterConfig | dict[str, Any] | None = None,
+        **fields: Any,
     ):
         self.config: ConvertConfig = build_config(ConvertConfig, config, fields)
+        self.cluster: ClusterConfig = (
+            cluster
+            if isinstance(cluster, ClusterConfig)
+            else build_config(ClusterConfig, cluster or {}, {})
+        )
 
     def __repr__(self) -> str:
         c = self.config
@@ -303,6 +388,285 @@ class HDF5Writer:
         self._write_file(path, tables, attrs, class_names)
         logger.info("wrote %d events of %d datasets to %s", n_events, len(arrays), path)
         return path
+
+    def convert(
+        self,
+        inputs: Any = None,
+        output: str | Path | None = None,
+    ) -> ConvertResult:
+        """Convert NanoAOD ROOT files (skimmed or not) to padded HDF5, streaming.
+
+        Each file is read with ``uproot`` in chunks of ``step_size`` events; the
+        chosen collections are padded on the offsets and every chunk is appended
+        to resizable datasets, so peak memory follows ``step_size``, not the
+        input size. Files convert in parallel on the writer's ``cluster``.
+
+        Parameters
+        ----------
+        inputs : optional
+            What to convert: ``{label: [files or globs]}`` (default
+            ``config.inputs``), a coffea fileset ``{dataset: {"files": {path:
+            tree}, "metadata": {"label": ..., "xsec": ..., "is_mc": ...}}}``, a
+            :class:`~cmsmlkit.data.source.NanoAODSource`, a list of files or
+            globs, or one path (one class named ``events``).
+        output : str or Path, optional
+            The merged file (``merge: true``, default ``config.output``), or
+            with ``merge: false`` the directory of the per-input files (default:
+            ``config.output`` without ``.h5``).
+
+        Returns
+        -------
+        ConvertResult
+            The files written (or found finished for the same config and
+            inputs), the number of events and the skipped inputs.
+
+        Raises
+        ------
+        InputFileError
+            An input is missing, corrupt or truncated (unless ``skip_bad_files``).
+        MissingBranchError
+            A branch the first file has is missing from another file.
+        ConfigError
+            A collection, field or scalar named in the config is not in the files.
+        """
+        from ..cluster import dask_client
+
+        fileset = _fileset_of(inputs if inputs is not None else self.config.inputs)
+        class_names = _class_names(fileset)
+        files = [
+            _InputFile(path=path, tree=tree, dataset=ds)
+            for ds, entry in fileset.items()
+            for path, tree in entry["files"].items()
+        ]
+        with dask_client(self.cluster) as client:
+            scans = _map(client, _scan_file, [(f.path, f.tree) for f in files], "scanning")
+            good, skipped = self._check_scans(files, scans)
+            plan = self._plan(good[0].path, good[0].tree, scans[good[0].path])
+            for f in good:
+                _check_branches(f.path, f.tree, scans[f.path]["branches"], plan)
+            _plan_max_lens(plan, [scans[f.path] for f in good])
+            datasets = self._datasets(fileset, good, scans)
+            tasks = self._tasks(good, scans, plan, datasets, class_names, skipped, output)
+            merged = None
+            if self.config.merge and len(tasks) > 1:
+                merged = Path(output if output is not None else self.config.output)
+                merge_hash = _digest([t["hash"] for t in tasks], self.config.shuffle)
+                merge_hash = _digest(merge_hash, self.config.seed, self.config.step_size)
+                if _finished(str(merged), merge_hash):
+                    report = _report_of(str(merged))
+                    return ConvertResult([merged], report["n_events"], 0, 1, skipped)
+            todo = [t for t in tasks if not _finished(t["output"], t["hash"])]
+            reports = {t["output"]: _report_of(t["output"]) for t in tasks if t not in todo}
+            results = _map(client, _convert_file, todo, "converting")
+            for task, r in zip(todo, results, strict=True):
+                if "error" in r:
+                    skipped[task["path"]] = r["error"]
+                    tasks.remove(task)
+                    todo.remove(task)
+                else:
+                    reports[r["output"]] = r
+            if not tasks:
+                raise InputFileError("no input file could be read: " + "; ".join(skipped.values()))
+        n_events = sum(int(reports[t["output"]]["n_events"]) for t in tasks)
+        if merged is None:
+            result = ConvertResult(
+                outputs=[Path(t["output"]) for t in tasks],
+                n_events=n_events,
+                converted=len(todo),
+                reused=len(tasks) - len(todo),
+                skipped=skipped,
+            )
+        else:
+            attrs = _merged_attrs(tasks, reports, merge_hash)
+            attrs["skipped_files"] = skipped
+            _merge(
+                [Path(t["output"]) for t in tasks],
+                merged,
+                attrs=attrs,
+                shuffle=self.config.shuffle,
+                seed=self.config.seed,
+                block=self.config.step_size,
+                compression=self.config.compression,
+            )
+            shutil.rmtree(_parts_dir(merged), ignore_errors=True)
+            result = ConvertResult([merged], n_events, 1, 0, skipped)
+        logger.info("%r", result)
+        return result
+
+    def _check_scans(
+        self, files: list[_InputFile], scans: dict[str, dict[str, Any]]
+    ) -> tuple[list[_InputFile], dict[str, str]]:
+        """The readable inputs, and the unreadable ones with why (or an error naming the first)."""
+        skipped = {f.path: scans[f.path]["error"] for f in files if scans[f.path].get("error")}
+        for path, why in skipped.items():
+            if not self.config.skip_bad_files:
+                raise InputFileError(
+                    f"{why} Fix or remove the file, or set convert.skip_bad_files: true to skip "
+                    "unreadable inputs with a report."
+                )
+            logger.warning("skipping unreadable input %s: %s", path, why)
+        good = [f for f in files if f.path not in skipped]
+        if not good:
+            raise InputFileError(
+                f"none of the {len(files)} input files could be read; skipped: "
+                + "; ".join(skipped.values())
+            )
+        return good, skipped
+
+    def _plan(self, path: str, tree: str, scan: dict[str, Any]) -> dict[str, Any]:
+        """What to read from every file and how to pad it, from the layout of the first file."""
+        layout = scan["layout"]
+        scalar_names = [n for n in layout["scalars"] if n not in RESERVED_FIELDS]
+        colls = layout["collections"]
+        where = f"{path}:{tree}"
+        for name in self.config.collections:
+            if name not in colls:
+                raise ConfigError(
+                    f"convert.collections names '{name}', which is not a collection of {where} "
+                    f"(collections: {', '.join(colls) or 'none'}).{did_you_mean(name, colls)} "
+                    "Remove it, or add it to convert.objects only when the files have it."
+                )
+        objects = ["*" if p == "all" else p for p in self.config.objects]
+        chosen = _match(objects, list(colls), "convert.objects entry")
+        chosen += [c for c in self.config.collections if c not in chosen]
+        scalars = ["*" if p == "all" else p for p in self.config.scalars]
+        plan: dict[str, Any] = {
+            "scalars": _match(scalars, scalar_names, "convert.scalars entry"),
+            "reserved": [n for n in RESERVED_FIELDS if n in layout["scalars"]],
+            "collections": {},
+        }
+        for coll in chosen:
+            cc = self.config.collections.get(coll, CollectionConfig())
+            available = list(colls[coll]["fields"])
+            fields = _match(cc.fields, available, f"convert.collections.{coll}.fields entry")
+            if cc.sort_by is not None and cc.sort_by not in available:
+                raise ConfigError(
+                    f"cannot sort {coll} by '{cc.sort_by}': it is not a numeric field of {coll} in "
+                    f"{where} (fields: {', '.join(available)}).{did_you_mean(cc.sort_by, available)}"
+                    " Set sort_by to one of the fields, or to null to keep the file order."
+                )
+            plan["collections"][coll] = {
+                "counter": colls[coll]["counter"],
+                "fields": fields,
+                "branches": {f: colls[coll]["fields"][f] for f in available},
+                "max_len": cc.max_len,
+                "quantile": cc.quantile,
+                "sort_by": cc.sort_by,
+                "pad_value": cc.pad_value,
+            }
+        return plan
+
+    def _datasets(
+        self,
+        fileset: dict[str, dict[str, Any]],
+        good: list[_InputFile],
+        scans: dict[str, dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """Per dataset: events, sum of weights and the factor normalising genWeight to xsec x lumi."""
+        out = []
+        for ds, entry in fileset.items():
+            meta = entry["metadata"]
+            mine = [f for f in good if f.dataset == ds]
+            n = sum(int(scans[f.path]["n_events"]) for f in mine)
+            sumw = float(sum(scans[f.path]["sumw"] for f in mine))
+            is_mc = bool(meta.get("is_mc", True))
+            xsec = meta.get("xsec")
+            factor = 1.0
+            if is_mc and xsec is not None:
+                if not np.isfinite(sumw) or sumw == 0:
+                    raise DataError(
+                        f"dataset '{ds}': the sum of genWeight is {sumw}, so it cannot be "
+                        "normalised to its cross-section; check the input files or remove its xsec."
+                    )
+                factor = float(xsec) * self.config.lumi / sumw
+            out.append(
+                {
+                    "name": ds,
+                    "label": meta["label"],
+                    "n_events": n,
+                    "xsec": xsec,
+                    "is_mc": is_mc,
+                    "sumw": sumw,
+                    "factor": factor,
+                    "files": [f.path for f in mine],
+                }
+            )
+        return out
+
+    def _tasks(
+        self,
+        good: list[_InputFile],
+        scans: dict[str, dict[str, Any]],
+        plan: dict[str, Any],
+        datasets: list[dict[str, Any]],
+        class_names: list[str],
+        skipped: dict[str, str],
+        output: str | Path | None,
+    ) -> list[dict[str, Any]]:
+        """One self-contained job per input file (picklable for the cluster)."""
+        from .. import __version__
+
+        c = self.config
+        index = {d["name"]: i for i, d in enumerate(datasets)}
+        base = Path(output if output is not None else c.output)
+        if c.merge and len(good) > 1:
+            directory = _parts_dir(base)
+        elif c.merge:
+            directory = base.parent
+        else:
+            directory = base.with_suffix("") if base.suffix == ".h5" else base
+        names: set[str] = set()
+        tasks = []
+        for f in good:
+            ds = datasets[index[f.dataset]]
+            if c.merge and len(good) == 1:
+                target = base
+            else:
+                stem = f"{f.dataset}_{Path(f.path.split('://')[-1]).stem}"
+                name, k = stem, 1
+                while name in names:
+                    k += 1
+                    name = f"{stem}_{k}"
+                names.add(name)
+                target = directory / f"{name}.h5"
+            scan = scans[f.path]
+            attrs = {
+                "cmsmlkit_version": __version__,
+                "config": dump_yaml(c.to_dict(full=True)),
+                "skim_config": "",
+                "input_files": [f.path],
+                "cutflow": {
+                    f.dataset: {"all": {"events": int(scan["n_events"]), "sumw": scan["sumw"]}}
+                },
+                "sumw": {d["name"]: d["sumw"] for d in datasets},
+                "datasets": [
+                    {k: d[k] for k in ("name", "label", "n_events", "xsec", "is_mc")}
+                    for d in datasets
+                ],
+                "class_names": class_names,
+                "skipped_files": skipped,
+            }
+            task = {
+                "path": f.path,
+                "tree": f.tree,
+                "dataset": f.dataset,
+                "dataset_index": index[f.dataset],
+                "label": class_names.index(ds["label"]),
+                "factor": ds["factor"],
+                "plan": plan,
+                "compression": c.compression,
+                "step_size": c.step_size,
+                "skip_bad_files": c.skip_bad_files,
+                "output": str(target),
+                "attrs": attrs,
+                "file_id": scan["file_id"],
+            }
+            task["hash"] = _digest(
+                {k: v for k, v in task.items() if k != "attrs"},
+                {k: v for k, v in attrs.items() if k != "cmsmlkit_version"},
+            )
+            tasks.append(task)
+        return tasks
 
     # ----------------------------------------------------------------- steps
 
@@ -512,6 +876,690 @@ def _event_id(ds: str, events: Any) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- streaming ROOT input
+
+
+@dataclass
+class ConvertResult:
+    """What :meth:`HDF5Writer.convert` returns.
+
+    Attributes
+    ----------
+    outputs : list of Path
+        The HDF5 files: one merged file, or one per input file.
+    n_events : int
+        Events written (or found already written) in all outputs.
+    converted : int
+        Outputs written by this call.
+    reused : int
+        Outputs found finished for the same config and inputs, and kept.
+    skipped : dict of str to str
+        Unreadable inputs skipped (``skip_bad_files``) -> why.
+
+    Examples
+    --------
+    >>> ConvertResult(outputs=[Path("a.h5")], n_events=10, converted=1, reused=0)
+    ConvertResult(outputs=['a.h5'], n_events=10, converted=1, reused=0, skipped=0)
+    """
+
+    outputs: list[Path]
+    n_events: int
+    converted: int
+    reused: int
+    skipped: dict[str, str] = dataclass_field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (
+            f"ConvertResult(outputs={[str(p) for p in self.outputs]}, n_events={self.n_events}, "
+            f"converted={self.converted}, reused={self.reused}, skipped={len(self.skipped)})"
+        )
+
+
+@dataclass
+class _InputFile:
+    path: str
+    tree: str
+    dataset: str
+
+
+def _fileset_of(inputs: Any) -> dict[str, dict[str, Any]]:
+    """Any accepted form of inputs -> ``{dataset: {"files": {path: tree}, "metadata": {...}}}``."""
+    if hasattr(inputs, "fileset") and callable(inputs.fileset):
+        inputs = inputs.fileset()
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)):
+        inputs = {"events": list(inputs)}
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise ConfigError(
+            "nothing to convert: give convert.inputs ({label: [files or globs]}), a fileset, a "
+            f"NanoAODSource or a list of ROOT files (got {inputs!r})."
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for ds, entry in inputs.items():
+        if isinstance(entry, (str, Path)):
+            entry = {"files": [entry]}
+        elif isinstance(entry, (list, tuple)):
+            entry = {"files": list(entry)}
+        if not isinstance(entry, Mapping) or "files" not in entry:
+            raise ConfigError(
+                f"inputs['{ds}'] must be a list of files or a mapping with a 'files' key."
+            )
+        files = entry["files"]
+        if isinstance(files, (str, Path)):
+            files = [files]
+        if not isinstance(files, Mapping):
+            files = {str(f): "Events" for f in files}
+        resolved: dict[str, str] = {}
+        for name, tree in files.items():
+            for path in _expand(str(name), str(ds)):
+                resolved.setdefault(path, str(tree))
+        meta = dict(entry.get("metadata") or {})
+        meta.setdefault("label", str(ds))
+        out[str(ds)] = {"files": resolved, "metadata": meta}
+    return out
+
+
+def _expand(entry: str, dataset: str) -> list[str]:
+    if "://" in entry:
+        return [entry]
+    path = os.path.expanduser(entry)
+    if any(ch in path for ch in "*?["):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise InputFileError(
+                f"inputs['{dataset}']: the pattern {entry} matches no file "
+                f"(working directory: {Path.cwd()})."
+            )
+        return [str(Path(p).resolve()) for p in found]
+    if not Path(path).is_file():
+        raise InputFileError(
+            f"inputs['{dataset}']: input file {entry} does not exist "
+            f"(working directory: {Path.cwd()})."
+        )
+    return [str(Path(path).resolve())]
+
+
+def _class_names(fileset: dict[str, dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for entry in fileset.values():
+        label = str(entry["metadata"]["label"])
+        if label not in names:
+            names.append(label)
+    return names
+
+
+def _map(client: Any, function: Any, items: list[Any], what: str, events: bool = False) -> Any:
+    """``function`` over ``items``, in this process or on the dask client, with a progress bar.
+
+    Returns ``{path: result}`` for scans (items are ``(path, tree)``), a list otherwise.
+    """
+    from tqdm.auto import tqdm
+
+    results: list[Any] = []
+    if client is None:
+        for item in tqdm(items, desc=what, unit="file", disable=len(items) < 2):
+            results.append(function(item))
+    else:
+        from distributed import as_completed
+
+        futures = client.map(function, items, pure=False)
+        order = {f.key: i for i, f in enumerate(futures)}
+        done: dict[int, Any] = {}
+        for future in tqdm(as_completed(futures), total=len(futures), desc=what, unit="file"):
+            done[order[future.key]] = future.result()
+        results = [done[i] for i in range(len(items))]
+    if items and isinstance(items[0], tuple):
+        return {item[0]: r for item, r in zip(items, results, strict=True)}
+    return results
+
+
+def _root_layout(tree: Any) -> dict[str, Any]:
+    """Scalars and collections of a NanoAOD-like TTree, from its branches' interpretations.
+
+    A collection is every jagged numeric branch sharing one counter (``nJet`` ->
+    ``Jet_pt``, ``Jet_eta``, ...); a scalar is a numeric branch of one value per event.
+    """
+    from uproot.interpretation.jagged import AsJagged
+    from uproot.interpretation.numerical import AsDtype
+
+    scalars: list[str] = []
+    collections: dict[str, dict[str, Any]] = {}
+    counters: set[str] = set()
+    for branch in tree.itervalues(recursive=True):
+        interp = branch.interpretation
+        counter = getattr(branch, "count_branch", None)
+        if isinstance(interp, AsJagged) and counter is not None:
+            content = interp.content
+            if not isinstance(content, AsDtype) or content.to_dtype.shape:
+                continue
+            if content.to_dtype.kind not in "biuf":
+                continue
+            cname = counter.name
+            coll = cname[1:] if cname.startswith("n") and len(cname) > 1 else cname
+            name = branch.name
+            fname = name[len(coll) + 1 :] if name.startswith(coll + "_") else name
+            entry = collections.setdefault(coll, {"counter": cname, "fields": {}})
+            entry["fields"][fname] = name
+            counters.add(cname)
+        elif (
+            isinstance(interp, AsDtype)
+            and not interp.to_dtype.shape
+            and interp.to_dtype.kind in "biuf"
+        ):
+            scalars.append(branch.name)
+    return {
+        "scalars": [s for s in scalars if s not in counters],
+        "collections": collections,
+    }
+
+
+def _scan_file(item: tuple[str, str]) -> dict[str, Any]:
+    """The cheap first pass over one input: layout, entries, counter histograms, sum of weights.
+
+    Never raises for a bad file: returns ``{"error": why}`` so that the caller
+    can stop naming it, or skip it (``skip_bad_files``).
+    """
+    import uproot
+
+    path, treename = item
+    try:
+        with uproot.open(path) as file:
+            keys = file.keys(cycle=False, recursive=False)
+            if treename not in keys:
+                return {
+                    "error": f"{path} has no tree '{treename}'.{did_you_mean(treename, keys)} "
+                    f"It holds: {', '.join(keys[:20]) or 'nothing'}."
+                }
+            tree = file[treename]
+            layout = _root_layout(tree)
+            n_events = int(tree.num_entries)
+            hists: dict[str, np.ndarray] = {}
+            counters = [c["counter"] for c in layout["collections"].values()]
+            if counters and n_events:
+                for arrays in tree.iterate(counters, step_size=1_000_000, library="np"):
+                    for coll, c in layout["collections"].items():
+                        h = np.bincount(np.asarray(arrays[c["counter"]]).astype(np.int64))
+                        old = hists.get(coll, np.zeros(0, np.int64))
+                        if len(h) < len(old):
+                            h, old = old, h
+                        h[: len(old)] += old
+                        hists[coll] = h
+            sumw = _sumw(file, tree, n_events)
+            try:
+                stat = os.stat(path)
+                file_id = [stat.st_size, stat.st_mtime_ns]
+            except OSError:  # a URL
+                file_id = [path, n_events]
+    except FileNotFoundError:
+        return {"error": f"input file {path} does not exist (working directory: {Path.cwd()})."}
+    except Exception as exc:  # uproot raises many kinds for a corrupt or truncated file
+        return {
+            "error": f"cannot read {path} as a ROOT file ({type(exc).__name__}: {exc}); it is "
+            "corrupt, truncated or not ROOT."
+        }
+    return {
+        "layout": layout,
+        "branches": list(tree.keys(recursive=True)),
+        "n_events": n_events,
+        "hists": {coll: h.tolist() for coll, h in hists.items()},
+        "sumw": sumw,
+        "file_id": file_id,
+    }
+
+
+def _sumw(file: Any, tree: Any, n_events: int) -> float:
+    """Sum of genWeight before any cut: the ``Runs`` tree's genEventSumw, else the events'."""
+    if "Runs" in file.keys(cycle=False) and "genEventSumw" in file["Runs"].keys():  # noqa: SIM118
+        return float(np.sum(file["Runs"]["genEventSumw"].array(library="np")))
+    if "genWeight" in tree.keys() and n_events:  # noqa: SIM118
+        return float(np.sum(tree["genWeight"].array(library="np"), dtype=np.float64))
+    return float(n_events)
+
+
+def _check_branches(path: str, tree: str, branches: list[str], plan: dict[str, Any]) -> None:
+    """Every branch the plan reads is in this file, or an error naming the file and the branch."""
+    present = set(branches)
+    for name in _plan_branches(plan):
+        if name not in present:
+            raise MissingBranchError(
+                f"{path}:{tree} has no branch '{name}', which the other input files have."
+                f"{did_you_mean(name, present)} Every input must hold the converted branches: "
+                "remove the file, or drop the branch from convert.scalars / convert.objects / "
+                "the collection's fields."
+            )
+
+
+def _plan_branches(plan: dict[str, Any]) -> list[str]:
+    names = list(plan["reserved"]) + list(plan["scalars"])
+    for c in plan["collections"].values():
+        wanted = list(c["fields"])
+        if c["sort_by"] is not None and c["sort_by"] not in wanted:
+            wanted.append(c["sort_by"])
+        names += [c["branches"][f] for f in wanted]
+        if not wanted:
+            names.append(c["counter"])
+    return list(dict.fromkeys(names))
+
+
+def _plan_max_lens(plan: dict[str, Any], scans: list[dict[str, Any]]) -> None:
+    """Fill each collection's ``max_len`` from the summed counter histograms when it is None."""
+    for coll, c in plan["collections"].items():
+        if c["max_len"] is not None:
+            continue
+        hists = [np.asarray(s["hists"].get(coll, []), dtype=np.int64) for s in scans]
+        width = max((len(h) for h in hists), default=0)
+        total = np.zeros(width, dtype=np.int64)
+        for h in hists:
+            total[: len(h)] += h
+        c["max_len"] = max_len_from_histogram(total, c["quantile"])
+
+
+def _digest(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=_json_default)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _parts_dir(merged: Path) -> Path:
+    return merged.with_name(merged.name + ".parts")
+
+
+def _finished(path: str, digest: str) -> bool:
+    """True when ``path`` is a complete cmsmlkit file written for the same config and inputs."""
+    if not Path(path).is_file():
+        return False
+    try:
+        with open_hdf5(path) as f:
+            return bool(f.attrs.get("config_hash") == digest)
+    except (OSError, ValueError):
+        return False
+
+
+def _report_of(path: str) -> dict[str, Any]:
+    """The report of a finished output, from its attributes."""
+    with open_hdf5(path) as f:
+        return {
+            "output": path,
+            "n_events": int(f.attrs["n_events"]),
+            "padding": json.loads(f.attrs["padding"]),
+        }
+
+
+def _prefetch(iterator: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Run ``iterator`` in a thread, ``depth`` items ahead: reading overlaps padding and writing."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, end))
+        except BaseException as exc:  # handed to the consumer
+            q.put((False, exc))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _flat(array: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and flat contents of one jagged numeric awkward array, from its offsets."""
+    import awkward as ak
+
+    layout = ak.to_layout(array)
+    while layout.is_option or layout.is_indexed:
+        layout = layout.content
+    if not isinstance(layout, ak.contents.ListOffsetArray):
+        layout = layout.to_ListOffsetArray64(True)
+    offsets = np.asarray(layout.offsets)
+    data = np.asarray(ak.to_numpy(layout.content))[offsets[0] : offsets[-1]]
+    return np.diff(offsets), data
+
+
+def _chunk_columns(
+    chunk: Mapping[str, Any], plan: dict[str, Any], where: str
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The HDF5 columns of one chunk read from a file, and the events truncated per collection."""
+    out: dict[str, np.ndarray] = {}
+    for name in plan["scalars"]:
+        values = np.asarray(chunk[name]).astype(np.float32)
+        if not np.isfinite(values).all():
+            bad = ~np.isfinite(values)
+            raise DataError(
+                f"{where}: scalar '{name}' has {int(bad.sum())} non-finite values (first at entry "
+                f"{int(np.flatnonzero(bad)[0])} of this chunk); drop it from convert.scalars."
+            )
+        out[f"scalars/{name}"] = values
+    truncated: dict[str, int] = {}
+    for coll, c in plan["collections"].items():
+        wanted = list(c["fields"])
+        if c["sort_by"] is not None and c["sort_by"] not in wanted:
+            wanted.append(c["sort_by"])
+        flat: dict[str, np.ndarray] = {}
+        counts: np.ndarray | None = None
+        for f in wanted:
+            counts, flat[f] = _flat(chunk[c["branches"][f]])
+        if counts is None:
+            counts = np.asarray(chunk[c["counter"]]).astype(np.int64)
+        padded = pad(counts, flat, c["max_len"], sort_by=c["sort_by"], pad_value=c["pad_value"])
+        for f in c["fields"]:
+            out[f"objects/{coll}/{f}"] = padded.values[f]
+        out[f"objects/{coll}/mask"] = padded.mask
+        truncated[coll] = padded.n_truncated
+    return out, truncated
+
+
+def _book_columns(chunk: Mapping[str, Any], task: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """label, weight, event_id and dataset of one chunk."""
+    reserved = task["plan"]["reserved"]
+    weight = (
+        np.asarray(chunk["genWeight"], dtype=np.float64)
+        if "genWeight" in reserved
+        else np.ones(n, dtype=np.float64)
+    )
+    event_id = np.full((n, 3), -1, dtype=np.int64)
+    for i, name in enumerate(EVENT_ID_FIELDS):
+        if name in reserved:
+            event_id[:, i] = np.asarray(chunk[name]).astype(np.int64)
+    return {
+        "label": np.full(n, task["label"], dtype=np.int64),
+        "weight": (weight * task["factor"]).astype(np.float32),
+        "event_id": event_id,
+        "dataset": np.full(n, task["dataset_index"], dtype=np.int64),
+    }
+
+
+def _empty_columns(plan: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape (without rows) and dtype of every column the plan writes."""
+    out: dict[str, tuple[tuple[int, ...], Any]] = {
+        f"scalars/{n}": ((), np.float32) for n in plan["scalars"]
+    }
+    for coll, c in plan["collections"].items():
+        for f in c["fields"]:
+            out[f"objects/{coll}/{f}"] = ((c["max_len"],), np.float32)
+        out[f"objects/{coll}/mask"] = ((c["max_len"],), np.bool_)
+    out.update(
+        {
+            "label": ((), np.int64),
+            "weight": ((), np.float32),
+            "event_id": ((3,), np.int64),
+            "dataset": ((), np.int64),
+        }
+    )
+    return out
+
+
+class _Appender:
+    """Resizable, row-chunked datasets in an open h5py file, appended chunk by chunk.
+
+    With ``background=True`` the writes (and the compression inside HDF5, which
+    runs without the GIL) happen in a thread, overlapping the reading and
+    padding of the next chunk; :meth:`close` waits for them and re-raises any
+    error.
+    """
+
+    def __init__(
+        self,
+        f: h5py.File,
+        columns: Mapping[str, tuple[tuple[int, ...], Any]],
+        compression: str,
+        *,
+        background: bool = False,
+    ):
+        kwargs = _filter_kwargs(compression)
+        self.datasets = {
+            key: f.create_dataset(
+                key,
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                chunks=(CHUNK_ROWS, *shape),
+                dtype=dtype,
+                **kwargs,
+            )
+            for key, (shape, dtype) in columns.items()
+        }
+        self.n = 0
+        self._queue: queue.Queue[Any] | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._work, daemon=True)
+            self._thread.start()
+
+    def append(self, cols: Mapping[str, np.ndarray]) -> None:
+        if self._queue is None:
+            self._write(cols)
+            return
+        if self._error is not None:
+            raise self._error
+        self._queue.put(cols)
+
+    def close(self) -> None:
+        """Wait for the queued writes; raise what failed in the writing thread."""
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            cols = self._queue.get()
+            if cols is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(cols)
+                except BaseException as exc:  # re-raised by append/close
+                    self._error = exc
+
+    def _write(self, cols: Mapping[str, np.ndarray]) -> None:
+        n = len(cols["label"])
+        for key, d in self.datasets.items():
+            d.resize(self.n + n, axis=0)
+            d[self.n : self.n + n] = cols[key]
+        self.n += n
+
+
+def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value, default=_json_default) if key in JSON_ATTRS else value
+    f["label"].attrs["class_names"] = list(attrs["class_names"])
+
+
+def _convert_file(task: dict[str, Any]) -> dict[str, Any]:
+    """Convert one ROOT file to one HDF5 file, chunk by chunk (runs on a cluster worker too)."""
+    import uproot
+
+    path, plan = task["path"], task["plan"]
+    where = f"{path}:{task['tree']}"
+    out = Path(task["output"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    truncated = dict.fromkeys(plan["collections"], 0)
+    first = 0
+    try:
+        # no chunk cache: every chunk is compressed and written as it is appended,
+        # in the appender's thread, instead of piling up until the file closes
+        with uproot.open(path) as file, open_hdf5(tmp, "w", rdcc_nbytes=0) as h5:
+            tree = file[task["tree"]]
+            appender = _Appender(h5, _empty_columns(plan), task["compression"], background=True)
+            chunks = tree.iterate(
+                _plan_branches(plan), step_size=task["step_size"], library="ak", how=dict
+            )
+            try:
+                for chunk in _prefetch(_reading(chunks, where)):
+                    n = len(chunk[next(iter(chunk))]) if chunk else 0
+                    cols, trunc = _chunk_columns(chunk, plan, where)
+                    cols.update(_book_columns(chunk, task, n))
+                    appender.append(cols)
+                    for coll, k in trunc.items():
+                        truncated[coll] += k
+                    first += n
+            finally:
+                appender.close()
+            attrs = dict(task["attrs"])
+            attrs["padding"] = {
+                coll: {
+                    "max_len": c["max_len"],
+                    "sort_by": c["sort_by"],
+                    "pad_value": c["pad_value"],
+                    "fields": c["fields"],
+                    "n_truncated": truncated[coll],
+                }
+                for coll, c in plan["collections"].items()
+            }
+            attrs["n_events"] = appender.n
+            attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            attrs["config_hash"] = task["hash"]
+            _write_attrs(h5, attrs)
+        os.replace(tmp, out)
+    except _UnreadableInput as exc:
+        tmp.unlink(missing_ok=True)
+        if task["skip_bad_files"]:
+            logger.warning("skipping %s: %s", path, exc)
+            return {"output": str(out), "error": str(exc)}
+        raise InputFileError(str(exc)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"output": str(out), "n_events": first, "padding": attrs["padding"]}
+
+
+class _UnreadableInput(Exception):
+    """An input failed while its events were read (corrupt or truncated baskets)."""
+
+
+def _reading(chunks: Iterator[Any], where: str) -> Iterator[Any]:
+    """The chunks of uproot's iterate, its failures turned into an error naming the file."""
+    entry = 0
+    try:
+        for chunk in chunks:
+            yield chunk
+            entry += len(next(iter(chunk.values()))) if chunk else 0
+    except Exception as exc:  # uproot raises many kinds for a corrupt basket
+        raise _UnreadableInput(
+            f"cannot read {where} after entry {entry} ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or truncated. Fix or remove it, or set "
+            "convert.skip_bad_files: true to skip it with a report."
+        ) from None
+
+
+def _merged_attrs(
+    tasks: list[dict[str, Any]], reports: dict[str, dict[str, Any]], digest: str
+) -> dict[str, Any]:
+    attrs = dict(tasks[0]["attrs"])
+    attrs["input_files"] = [t["path"] for t in tasks]
+    cutflow: dict[str, Any] = {}
+    for t in tasks:
+        for ds, steps in t["attrs"]["cutflow"].items():
+            entry = cutflow.setdefault(ds, {"all": {"events": 0, "sumw": 0.0}})
+            entry["all"]["events"] += steps["all"]["events"]
+            entry["all"]["sumw"] += steps["all"]["sumw"]
+    attrs["cutflow"] = cutflow
+    padding: dict[str, Any] = {}
+    for t in tasks:
+        for coll, spec in reports[t["output"]]["padding"].items():
+            if coll in padding:
+                padding[coll]["n_truncated"] += spec["n_truncated"]
+            else:
+                padding[coll] = dict(spec)
+    attrs["padding"] = padding
+    attrs["n_events"] = sum(int(reports[t["output"]]["n_events"]) for t in tasks)
+    attrs["config_hash"] = digest
+    attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return attrs
+
+
+def _merge(
+    parts: list[Path],
+    output: Path,
+    *,
+    attrs: dict[str, Any],
+    shuffle: bool,
+    seed: int,
+    block: int,
+    compression: str,
+) -> None:
+    """Merge per-input files into one, in blocks of ``block`` rows, atomically.
+
+    With ``shuffle``, each block takes from every part a seeded, hypergeometric
+    share of its rows (so every block mixes all inputs in proportion) and the
+    block's rows are permuted; memory holds one block plus HDF5's chunk caches.
+    """
+    from tqdm.auto import tqdm
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    rng = np.random.default_rng(seed)
+    sources: list[h5py.File] = []
+    try:
+        sources.extend(open_hdf5(p, rdcc_nbytes=8 * 1024**2) for p in parts)
+        with open_hdf5(tmp, "w") as out:
+            keys: list[str] = []
+            sources[0].visititems(
+                lambda name, obj: keys.append(name) if hasattr(obj, "shape") else None
+            )
+            columns = {k: (sources[0][k].shape[1:], sources[0][k].dtype) for k in keys}
+            appender = _Appender(out, columns, compression)
+            remaining = np.array([s["label"].shape[0] for s in sources], dtype=np.int64)
+            position = np.zeros(len(sources), dtype=np.int64)
+            total = int(remaining.sum())
+            with tqdm(total=total, desc="merging", unit="event", disable=total < block) as bar:
+                while remaining.sum() > 0:
+                    size = int(min(block, remaining.sum()))
+                    if shuffle:
+                        take = rng.multivariate_hypergeometric(remaining, size)
+                    else:
+                        take = np.zeros_like(remaining)
+                        i = int(np.flatnonzero(remaining)[0])
+                        take[i] = min(size, remaining[i])
+                    cols = {}
+                    for k in keys:
+                        pieces = [
+                            s[k][position[i] : position[i] + take[i]]
+                            for i, s in enumerate(sources)
+                            if take[i]
+                        ]
+                        cols[k] = np.concatenate(pieces)
+                    if shuffle:
+                        order = rng.permutation(len(cols["label"]))
+                        cols = {k: v[order] for k, v in cols.items()}
+                    appender.append(cols)
+                    position += take
+                    remaining -= take
+                    bar.update(int(take.sum()))
+            _write_attrs(out, attrs)
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for s in sources:
+            s.close()
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -527,8 +1575,10 @@ def read_info(path: str | Path) -> dict[str, Any]:
     -------
     dict
         The root attributes, decoded (JSON attributes as Python objects, the
-        configs as dicts, ``skim_config`` None when absent), plus ``file`` and
-        ``paths``: ``{dataset path: (shape, dtype name)}`` of every dataset.
+        configs as dicts, ``skim_config`` None when absent), plus ``file``,
+        ``paths``: ``{dataset path: (shape, dtype name)}`` of every dataset, and
+        ``features``: ``{feature name: shape per event}`` (``ht``: ``()``,
+        ``Jet.pt``: ``(L,)``), the names the Trainer's ``features`` select from.
 
     Raises
     ------
@@ -548,7 +1598,7 @@ def read_info(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputFileError(f"HDF5 file {path} does not exist (working directory: {Path.cwd()}).")
     try:
-        f = h5py.File(path, "r")
+        f = open_hdf5(path, "r")
     except OSError as exc:
         raise InputFileError(
             f"{path} is not a readable HDF5 file ({exc}); it may be truncated or not HDF5 at all. "
@@ -584,6 +1634,14 @@ def read_info(path: str | Path) -> dict[str, Any]:
                 f"{path}: corrupt cmsmlkit metadata ({exc}); write the file again."
             ) from None
     info["paths"] = paths
+    features: dict[str, tuple[int, ...]] = {}
+    for name, (shape, _) in paths.items():
+        parts = name.split("/")
+        if parts[0] == "scalars" and len(parts) == 2:
+            features[parts[1]] = ()
+        elif parts[0] == "objects" and len(parts) == 3 and parts[2] != "mask":
+            features[f"{parts[1]}.{parts[2]}"] = tuple(shape[1:])
+    info["features"] = features
     for required in ("label", "weight", "event_id"):
         if required not in paths:
             raise InputFileError(

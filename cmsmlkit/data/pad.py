@@ -30,7 +30,14 @@ from ..errors import ConfigError, DataError, did_you_mean
 if TYPE_CHECKING:
     import awkward as ak
 
-__all__ = ["Padded", "pad", "pad_collection", "choose_max_len", "numeric_fields"]
+__all__ = [
+    "Padded",
+    "pad",
+    "pad_collection",
+    "choose_max_len",
+    "max_len_from_histogram",
+    "numeric_fields",
+]
 
 
 @dataclass
@@ -158,7 +165,9 @@ def pad(
     event = np.repeat(np.arange(n_events, dtype=np.int64), counts)
     starts = np.cumsum(counts) - counts
     local = np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
-    order = _descending_within_events(event, flat[sort_by]) if sort_by is not None else None
+    order = None
+    if sort_by is not None and not _already_descending(event, flat[sort_by]):
+        order = _descending_within_events(event, flat[sort_by])
 
     keep = local < max_len
     # flat destinations in the [N, L] arrays: one 1-D scatter per field
@@ -176,6 +185,20 @@ def pad(
     mask = mask.reshape(n_events, max_len)
     n_truncated = int(np.count_nonzero(counts > max_len))
     return Padded(values=padded, mask=mask, n_truncated=n_truncated)
+
+
+def _already_descending(event: np.ndarray, key: np.ndarray) -> bool:
+    """True when every event's objects already come largest first (NanoAOD stores them by pt).
+
+    Then the stable sort would keep the file order anyway, and is skipped.
+    """
+    key = np.asarray(key, dtype=np.float32)
+    if key.size < 2:
+        return True
+    if np.isnan(key).any():
+        return False
+    same_event = event[1:] == event[:-1]
+    return bool(np.all((key[1:] <= key[:-1]) | ~same_event))
 
 
 def _descending_within_events(event: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -301,9 +324,44 @@ def choose_max_len(counts: np.ndarray, quantile: float = 0.95) -> int:
     >>> choose_max_len(np.array([0, 1, 2, 3, 10]), quantile=0.8)
     3
     """
+    counts = np.asarray(counts)
+    if counts.size and counts.min() < 0:
+        raise DataError(f"counts must be >= 0 (objects per event), found {counts.min()}.")
+    return max_len_from_histogram(np.bincount(counts.astype(np.int64, copy=False)), quantile)
+
+
+def max_len_from_histogram(histogram: np.ndarray, quantile: float = 0.95) -> int:
+    """:func:`choose_max_len` from the multiplicity histogram (``np.bincount(counts)``).
+
+    Histograms of several files add up, so ``max_len`` is chosen over many files
+    from a cheap first pass over the counter branches (``nJet``) in bounded memory.
+
+    Parameters
+    ----------
+    histogram : numpy.ndarray
+        ``histogram[k]`` = number of events with ``k`` objects.
+    quantile : float
+        Fraction of events, in (0, 1], whose objects all fit.
+
+    Returns
+    -------
+    int
+        The smallest ``k`` with at least ``quantile`` of the events at or below
+        it (numpy's ``inverted_cdf`` quantile), at least 1.
+
+    Examples
+    --------
+    >>> max_len_from_histogram(np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1]), quantile=0.8)
+    3
+    """
     if not 0 < quantile <= 1:
         raise ConfigError(f"quantile must be in (0, 1], got {quantile!r}.")
-    counts = np.asarray(counts)
-    if counts.size == 0:
+    histogram = np.asarray(histogram, dtype=np.int64)
+    total = int(histogram.sum())
+    if total == 0:
         return 1
-    return max(1, int(np.quantile(counts, quantile, method="inverted_cdf")))
+    cumulative = np.cumsum(histogram)
+    # smallest k whose cumulative fraction reaches the quantile, in exact integer arithmetic
+    needed = int(np.ceil(quantile * total - 1e-9 * total))
+    k = int(np.searchsorted(cumulative, max(needed, 1), side="left"))
+    return max(1, k)

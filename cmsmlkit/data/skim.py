@@ -11,16 +11,29 @@ the dask cluster of the ``cluster:`` block, and returns a :class:`SkimResult`.
 Per chunk the processor
 
 1. applies the optional ``function`` (``events -> events``, the notebook escape hatch);
-2. defines the objects in order (``GoodJet: {from: Jet, where: ...}`` keeps the
+2. for collision data with a ``lumi_mask`` (the dataset's golden JSON), keeps
+   the certified luminosity blocks only (coffea's ``LumiMask``);
+3. defines the objects in order (``GoodJet: {from: Jet, where: ...}`` keeps the
    jets passing ``where``; an object may be defined from an earlier one);
-3. applies the cuts in order, recording events and the sum of ``genWeight``
-   after each (the cutflow);
-4. computes the variables (float64 per event; later variables may use earlier ones);
-5. returns the selected events: variables, kept collections (plain jagged
-   records), ``run``, ``luminosityBlock``, ``event`` and ``genWeight``.
+4. applies the dataset's own ``cuts``, then the selection's cuts, in order,
+   recording events and the sum of ``genWeight`` after each (the cutflow);
+5. computes the variables (float64 per event; later variables may use earlier ones);
+6. returns the selected events: variables, kept collections (plain jagged
+   records), the ``keep`` branches, ``run``, ``luminosityBlock``, ``event`` and
+   ``genWeight``, less what ``drop`` names.
 
 Chunks are merged in file order and entry order, so a run split into small
 chunks gives exactly the arrays of a run in one chunk.
+
+Faults: a chunk that fails to read is tried ``retries`` more times; then its
+file is skipped with a report (``SkimResult.skipped``: file -> error) when
+``skip_bad_files`` is set, or the run stops with that report. On a dask
+cluster the chunks of a worker that dies are re-run by dask on another worker.
+With ``output`` set, the skim writes ``<dataset>.root`` files, ``cutflow.json``
+and ``skim.json`` (a hash of the configuration and of the inputs), each
+atomically; a rerun with the same configuration and inputs reads them back
+instead of skimming again. A progress bar (tqdm, in a terminal or a notebook)
+counts the chunks.
 
 >>> skimmer = Skimmer(selection={"cuts": ["num(Jet) >= 2"], "variables": {"ht": "sum(Jet.pt)"}})
 >>> result = skimmer.run({"ttbar": {"files": {"ttbar.root": "Events"}}})  # doctest: +SKIP
@@ -30,31 +43,39 @@ chunks gives exactly the arrays of a run in one chunk.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import html
+import json
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import awkward as ak
 import numpy as np
 from coffea import processor
 from coffea.nanoevents import NanoAODSchema
+from tqdm.auto import tqdm
 
 from ..cluster import dask_client
-from ..config import ClusterConfig, SkimConfig, build_config
+from ..config import ClusterConfig, SkimConfig, build_config, config_hash
 from ..errors import (
+    CmsmlError,
     ConfigError,
     EmptySelectionError,
     ExpressionError,
     InputFileError,
     MissingBranchError,
     closest,
+    did_you_mean,
 )
 from .expr import CONSTANTS, Expression, FieldNamespace, parse
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Skimmer", "SkimResult"]
 
@@ -63,7 +84,14 @@ log = logging.getLogger(__name__)
 #: Per-event columns every skim keeps.
 EVENT_ID = ("run", "luminosityBlock", "event")
 WEIGHT = "genWeight"
-_RESERVED = (*EVENT_ID, WEIGHT)
+#: The branch of a skimmed ROOT file holding the class index of its dataset.
+LABEL = "label"
+_RESERVED = (*EVENT_ID, WEIGHT, LABEL)
+#: The cutflow step of the golden-JSON lumi mask.
+LUMI_STEP = "lumi_mask"
+#: What a skim output directory holds besides the ROOT files.
+CUTFLOW_FILE = "cutflow.json"
+STATE_FILE = "skim.json"
 
 
 # --------------------------------------------------------------------------- result
@@ -86,6 +114,9 @@ class SkimResult:
         any cut), ``"files"`` and, when some were skipped, ``"skipped_files"``.
     class_names : list of str
         class labels in order of first appearance among the datasets.
+    skipped : dict
+        dataset -> {file: why it was skipped}, for the files ``skip_bad_files``
+        left out (empty when none were).
 
     Examples
     --------
@@ -99,6 +130,7 @@ class SkimResult:
     cutflow: dict[str, dict[str, dict[str, Any]]]
     metadata: dict[str, dict[str, Any]]
     class_names: list[str] = field(default_factory=list)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def n_events(self) -> int:
@@ -141,12 +173,101 @@ class SkimResult:
             )
         return "\n".join(lines)
 
+    def skipped_report(self) -> str:
+        """The skipped files, one line each with the error; empty when none were skipped."""
+        return "\n".join(
+            f"skipped {path} (dataset '{ds}'): {why}"
+            for ds, files in self.skipped.items()
+            for path, why in files.items()
+        )
+
     def __repr__(self) -> str:
         head = (
             f"SkimResult({len(self.arrays)} dataset(s), {self.n_events} selected event(s), "
             f"classes={self.class_names})"
         )
-        return head + "\n" + self.cutflow_table()
+        report = self.skipped_report()
+        return head + "\n" + self.cutflow_table() + ("\n" + report if report else "")
+
+    def save_cutflow(self, path: str | Path) -> Path:
+        """Write the cutflow as JSON, ``{dataset: {step: {"events": n, "sumw": w}}}``, atomically.
+
+        >>> result.save_cutflow("skims/cutflow.json")  # doctest: +SKIP
+        PosixPath('skims/cutflow.json')
+        """
+        path = Path(path)
+        _write_json(path, self.cutflow)
+        return path
+
+    @staticmethod
+    def read_cutflow(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+        """Read a cutflow saved by :meth:`save_cutflow` (steps keep their order)."""
+        return dict(json.loads(Path(path).read_text()))
+
+    def cutflow_figure(self, weighted: bool = False) -> Figure:
+        """The cutflow as a CMS-style figure: events (or sum of genWeight) after each step.
+
+        One line per dataset on a log scale, the steps along the x axis.
+
+        >>> fig = result.cutflow_figure()  # doctest: +SKIP
+        >>> from cmsmlkit.plots import save_figure; save_figure(fig, "figures", "cutflow")  # doctest: +SKIP
+        """
+        import matplotlib.style
+        import mplhep
+        from matplotlib.figure import Figure
+
+        from ..plots import LABEL as CMS_TEXT
+
+        datasets, steps = self._rows()
+        key = "sumw" if weighted else "events"
+        with matplotlib.style.context(mplhep.style.CMS):
+            fig = Figure(figsize=(max(8.0, 1.2 * len(steps) + 4), 8))
+            ax = fig.add_subplot()
+            x = np.arange(len(steps))
+            for ds in datasets:
+                flow = self.cutflow[ds]
+                y = np.array([flow.get(s, {}).get(key, np.nan) for s in steps], dtype=float)
+                y[y <= 0] = np.nan  # nothing left: off the log scale
+                ax.plot(x, y, marker="o", drawstyle="steps-mid", label=ds)
+            ax.set_xticks(x, [_short(s) for s in steps], rotation=30, ha="right")
+            ax.set_yscale("log")
+            ax.set_ylabel("sum of genWeight" if weighted else "events")
+            ax.set_xlabel("")
+            if datasets:
+                ax.legend(title="dataset")
+            mplhep.cms.label(ax=ax, data=False, text=CMS_TEXT, rlabel="")
+            fig.tight_layout()
+        return fig
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SkimResult:
+        """Read a skim written by :meth:`Skimmer.write` (ROOT files, cutflow.json, skim.json).
+
+        >>> result = SkimResult.load("skims")  # doctest: +SKIP
+        """
+        import uproot
+
+        directory = Path(directory)
+        state_path = directory / STATE_FILE
+        if not state_path.is_file():
+            raise InputFileError(
+                f"{directory} holds no finished skim ({STATE_FILE} is missing); run the Skimmer "
+                "with output set to this directory."
+            )
+        state = json.loads(state_path.read_text())
+        cutflow = cls.read_cutflow(directory / CUTFLOW_FILE)
+        arrays: dict[str, ak.Array] = {}
+        for ds, info in state["datasets"].items():
+            with uproot.open(directory / info["file"]) as file:
+                raw = file["Events"].arrays(library="ak")
+            arrays[ds] = _from_branches(raw, info["columns"])
+        return cls(
+            arrays=arrays,
+            cutflow=cutflow,
+            metadata={ds: info["metadata"] for ds, info in state["datasets"].items()},
+            class_names=list(state["class_names"]),
+            skipped={ds: dict(info.get("skipped", {})) for ds, info in state["datasets"].items()},
+        )
 
     def _repr_html_(self) -> str:
         datasets, steps = self._rows()
@@ -230,6 +351,16 @@ class _Plan:
         collections = {c: tuple(f) for c, f in config.collections.items()}
         if not collections:
             collections = {o.name: ("*",) for o in objects}
+        for key, patterns in (("keep", config.keep), ("drop", config.drop)):
+            for i, pattern in enumerate(patterns):
+                if not pattern.strip():
+                    raise ConfigError(f"skim.{key}[{i}] is empty; remove it or give a name.")
+        for i, pattern in enumerate(config.drop):
+            if pattern in (*EVENT_ID, WEIGHT):
+                raise ConfigError(
+                    f"skim.drop[{i}] names '{pattern}', which every skim keeps (the event id and "
+                    "the weight are needed downstream); remove it from skim.drop."
+                )
         for coll, patterns in collections.items():
             if coll in sel.variables or coll in _RESERVED:
                 raise ConfigError(
@@ -280,6 +411,23 @@ class _Branches:
 
     def has_name(self, name: str) -> bool:
         return name in self.set or name in self.collections
+
+    def is_jagged(self, branch: str) -> bool:
+        """A list per event: a field of a counted collection (nJet), or a branch with its own counter."""
+        return "n" + branch.split("_", 1)[0] in self.set or "n" + branch in self.set
+
+    def plain(self) -> list[str]:
+        """Branches with one value per event, counters and event columns excluded."""
+        counters = {
+            b
+            for b in self.names
+            if b[:1] == "n" and (b[1:] in self.set or b[1:] in self.collections)
+        }
+        return [
+            b
+            for b in self.names
+            if not self.is_jagged(b) and b not in counters and b not in (*EVENT_ID, WEIGHT)
+        ]
 
     def fields_of(self, collection: str) -> list[str]:
         start = collection + "_"
@@ -414,13 +562,44 @@ def _plain(collection: Any, fields: list[str]) -> ak.Array:
     return ak.zip({f: ak.to_numpy(collection[f]) for f in fields}, depth_limit=1)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the skim outputs: kept collections and their fields, plain branches, variables."""
+
+    collections: dict[str, list[str]]
+    branches: tuple[str, ...] = ()
+    variables: tuple[str, ...] = ()
+
+
+@dataclass
+class _Extra:
+    """What one dataset adds to the selection: its own cuts and its golden-JSON lumi mask."""
+
+    cuts: tuple[tuple[str, Expression], ...] = ()
+    lumi_mask: Any = None  # a coffea LumiMask
+    lumi_path: str | None = None
+
+
+def _branch(events: Any, name: str) -> np.ndarray:
+    """A plain per-event NanoAOD branch (``HLT_IsoMu24`` is ``events.HLT.IsoMu24``) as numpy."""
+    fields = getattr(events, "fields", [])
+    if name in fields:
+        value = events[name]
+    else:
+        prefix, rest = name.split("_", 1)
+        value = events[prefix][rest]
+    return ak.to_numpy(value)
+
+
 def _select(
     events: Any,
     plan: _Plan,
-    keep: dict[str, list[str]],
+    layout: _Layout,
     function: Callable[[Any], Any] | None,
+    extra: _Extra | None = None,
 ) -> tuple[ak.Array, dict[str, dict[str, float]]]:
     """Apply the selection to one chunk: the selected records and the chunk's cutflow."""
+    extra = extra or _Extra()
     n_in = len(events)
     weight = _weights(events)
     cutflow = {"all": {"events": n_in, "sumw": float(weight.sum())}}
@@ -428,6 +607,14 @@ def _select(
         events = function(events)
         weight = _weights(events)
         cutflow[_function_label(function)] = {"events": len(events), "sumw": float(weight.sum())}
+    if extra.lumi_mask is not None:
+        certified = np.asarray(
+            extra.lumi_mask(ak.to_numpy(events.run), ak.to_numpy(events.luminosityBlock)),
+            dtype=bool,
+        )
+        events = events[certified]
+        weight = weight[certified]
+        cutflow[LUMI_STEP] = {"events": len(events), "sumw": float(weight.sum())}
     objects: dict[str, Any] = {}
     for obj in plan.objects:
         source = _Namespace(events, objects)[obj.source]
@@ -436,7 +623,7 @@ def _select(
             continue
         mask = obj.where.evaluate(FieldNamespace(source, _Namespace(events, objects)))
         objects[obj.name] = source[mask]
-    for label, cut in plan.cuts:
+    for label, cut in (*extra.cuts, *plan.cuts):
         mask = _per_event(cut.evaluate(_Namespace(events, objects)), len(events), cut, "a cut")
         if mask.dtype != np.bool_:
             raise cut._error(
@@ -453,10 +640,13 @@ def _select(
     for name, expr in plan.variables:
         value = expr.evaluate(_Namespace(events, {**objects, **variables}))
         variables[name] = _per_event(value, n, expr, "a variable").astype(np.float64)
-        columns[name] = variables[name]
+        if name in layout.variables:
+            columns[name] = variables[name]
     ns = _Namespace(events, objects)
-    for coll, fields in keep.items():
+    for coll, fields in layout.collections.items():
         columns[coll] = _plain(ns[coll], fields)
+    for name in layout.branches:
+        columns[name] = _branch(events, name)
     for name in EVENT_ID:
         columns[name] = ak.to_numpy(events[name]).astype(np.int64)
     columns[WEIGHT] = weight.astype(np.float64)
@@ -476,28 +666,33 @@ def _function_label(function: Callable[..., Any]) -> str:
 class _SkimProcessor(processor.ProcessorABC):  # type: ignore[misc]
     """Stateless coffea processor: the selection and what to keep; one accumulator per chunk.
 
-    The accumulator is ``{dataset: {"chunks": [((file, entry_start), records)],
-    "cutflow": {step: {"events": n, "sumw": w}}}}``: coffea's ``accumulate``
-    concatenates the chunk lists and adds the cutflow numbers.
+    The accumulator is ``{dataset: {"chunks": [((file, entry_start), records, cutflow)]}}``
+    with ``cutflow = {step: {"events": n, "sumw": w}}`` of that chunk: coffea's
+    ``accumulate`` concatenates the chunk lists.
     """
 
     def __init__(
         self,
         plan: _Plan,
-        keep: dict[str, list[str]],
+        layout: _Layout,
         function: Callable[[Any], Any] | None = None,
+        extras: dict[str, _Extra] | None = None,
     ) -> None:
         self.plan = plan
-        self.keep = keep
+        self.layout = layout
         self.function = function
+        self.extras = extras or {}
 
     def process(self, events: Any) -> dict[str, Any]:
         meta = events.metadata
         with warnings.catch_warnings():
             _quiet_coffea()
-            records, cutflow = _select(events, self.plan, self.keep, self.function)
+            records, cutflow = _select(
+                events, self.plan, self.layout, self.function, self.extras.get(meta["dataset"])
+            )
         chunk = (meta["filename"], int(meta["entrystart"]))
-        return {meta["dataset"]: {"chunks": [(chunk, records)], "cutflow": cutflow}}
+        # the cutflow stays per chunk, so a file skipped later can be taken out whole
+        return {meta["dataset"]: {"chunks": [(chunk, records, cutflow)]}}
 
     def postprocess(self, accumulator: Any) -> Any:
         return accumulator
@@ -515,6 +710,132 @@ class _QuietNanoAODSchema(NanoAODSchema):  # type: ignore[misc]
 def _quiet_coffea() -> None:
     """Silence the schema's notes about cross-references and Photon fields in real NanoAOD."""
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"coffea\.nanoevents")
+
+
+# --------------------------------------------------------------------------- execution
+
+
+@dataclass
+class _ChunkFailure:
+    """A chunk that could not be processed after every attempt (picklable, sent back by workers)."""
+
+    dataset: str
+    filename: str
+    entrystart: int
+    entrystop: int
+    attempts: int
+    error: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.filename} (dataset '{self.dataset}', entries {self.entrystart} to "
+            f"{self.entrystop}) failed {self.attempts} time(s): {self.error}"
+        )
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the innermost exception (coffea wraps the reader's own)."""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return f"{type(inner).__name__}: {inner}"
+
+
+def _attempt(function: Callable[[Any], Any], attempts: int, item: Any) -> Any:
+    """Run one chunk up to ``attempts`` times; a cmsmlkit error (a selection bug) is not retried."""
+    work = item[0] if isinstance(item, tuple) else item
+    error = ""
+    for _ in range(attempts):
+        try:
+            return function(item)
+        except Exception as exc:  # a read that failed: the network, a broken basket, ...
+            unwrapped = _unwrap(exc)
+            if isinstance(unwrapped, CmsmlError):
+                raise unwrapped from None
+            error = _root_cause(exc)
+    return {
+        "out": {
+            "_failures": [
+                _ChunkFailure(
+                    work.dataset,
+                    work.filename,
+                    int(work.entrystart),
+                    int(work.entrystop),
+                    attempts,
+                    error,
+                )
+            ]
+        }
+    }
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    """The progress bar over chunks: tqdm.auto, so a widget in a notebook and text in a terminal."""
+    return tqdm(total=total, desc="skim", unit="chunk", disable=not enabled, dynamic_ncols=True)
+
+
+@dataclass
+class _LocalExecutor(processor.IterativeExecutor):  # type: ignore[misc]
+    """coffea's in-process executor with per-chunk attempts and a tqdm progress bar."""
+
+    attempts: int = 1
+
+    def __call__(self, items: Iterable[Any], function: Callable[..., Any], accumulator: Any) -> Any:
+        items = list(items)
+        out = accumulator
+        with _bar(len(items), self.status) as bar:
+            for item in items:
+                out = processor.accumulate([_attempt(function, self.attempts, item)], out)
+                bar.update()
+        return out, 0
+
+
+@dataclass
+class _ClusterExecutor(processor.DaskExecutor):  # type: ignore[misc]
+    """coffea's dask executor, results gathered as they finish (a tqdm bar over chunks).
+
+    A chunk is retried on its worker (``attempts``); a chunk whose worker dies
+    is rescheduled by dask itself (up to ``distributed.scheduler.allowed-failures``).
+    """
+
+    attempts: int = 1
+
+    def __call__(self, items: Iterable[Any], function: Callable[..., Any], accumulator: Any) -> Any:
+        from functools import partial
+
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        items = list(items)
+        if self.heavy_input is not None:
+            heavy = self.client.scatter(self.heavy_input, broadcast=True, hash=False)
+            items = [(item, heavy) for item in items]
+        futures = self.client.map(
+            partial(_attempt, function, self.attempts), items, pure=False, priority=self.priority
+        )
+        work = {
+            f.key: (i[0] if isinstance(i, tuple) else i)
+            for f, i in zip(futures, items, strict=True)
+        }
+        out = accumulator
+        try:
+            with _bar(len(futures), self.status) as bar:
+                for future in as_completed(futures):
+                    try:
+                        result = future.result()
+                    except KilledWorker:
+                        item = work[future.key]
+                        raise InputFileError(
+                            f"the chunk {item.filename} (entries {item.entrystart} to "
+                            f"{item.entrystop}) killed the workers that ran it, again and again "
+                            "(out of memory? a crash in a compiled library?). Lower "
+                            "skim.chunksize or give the workers more memory."
+                        ) from None
+                    out = processor.accumulate([result], out)
+                    bar.update()
+        finally:
+            self.client.cancel(futures)
+        return out, 0
 
 
 # --------------------------------------------------------------------------- the Skimmer
@@ -681,10 +1002,15 @@ class Skimmer:
     def run(self, fileset: Any) -> SkimResult:
         """Skim ``fileset`` (coffea form, ``{dataset: [files]}`` or a source with ``.fileset()``).
 
+        With ``output`` set and a finished skim of the same configuration and
+        inputs already there, it is read back and nothing is skimmed.
+
         Raises
         ------
         InputFileError
-            a file is missing, not ROOT, or lacks the tree (unless ``skip_bad_files``).
+            a file is missing, not ROOT, lacks the tree, or cannot be read
+            after every attempt (unless ``skip_bad_files``); a lumi mask file
+            is missing or not a golden JSON.
         MissingBranchError
             a collection, field or branch the selection names is not in the files.
         ExpressionError
@@ -693,7 +1019,14 @@ class Skimmer:
             the inputs have events but the cuts keep none in any dataset.
         """
         fileset = _normalise_fileset(fileset)
-        skipped: dict[str, list[str]] = {d: [] for d in fileset}
+        extras = {d: self._extra(d, e["metadata"]) for d, e in fileset.items()}
+        key = None
+        if self.config.output:
+            key = self._state_key(fileset)
+            if _finished(Path(self.config.output), key, list(fileset)):
+                log.info("the skim in %s is up to date; nothing to do", self.config.output)
+                return SkimResult.load(self.config.output)
+        skipped: dict[str, dict[str, str]] = {d: {} for d in fileset}
         good: dict[str, dict[str, str]] = {}
         for dataset, entry in fileset.items():
             good[dataset] = {}
@@ -704,55 +1037,176 @@ class Skimmer:
                     if not self.config.skip_bad_files:
                         raise
                     log.warning("skipping %s: %s", path, exc)
-                    skipped[dataset].append(path)
+                    skipped[dataset][path] = str(exc)
                     continue
                 good[dataset][path] = tree
-        keep = self._resolve_keep(good)
+        layout = self._resolve_layout(good, extras)
         runnable = {d: {"files": files} for d, files in good.items() if files}
         output: dict[str, Any] = {}
         if runnable:
-            output = self._run_coffea(runnable, keep)
-        result = self._assemble(fileset, output, skipped, keep)
+            output = self._run_coffea(runnable, layout, extras)
+        for failure in output.pop("_failures", []):
+            if not self.config.skip_bad_files:
+                raise InputFileError(
+                    f"cannot read {failure.describe()}. Check the file (uproot.open), or set "
+                    "skim.skip_bad_files: true to skip unreadable files with a report."
+                )
+            if failure.filename not in skipped[failure.dataset]:
+                log.warning("skipping %s", failure.describe())
+                skipped[failure.dataset][failure.filename] = failure.error
+        result = self._assemble(fileset, output, skipped, layout, extras)
         if self.config.output:
-            self.write(result, self.config.output)
+            self.write(result, self.config.output, key=key)
         return result
 
-    def _resolve_keep(self, good: dict[str, dict[str, str]]) -> dict[str, list[str]]:
-        """Check names against the first file of each dataset; the kept fields common to all."""
+    def _extra(self, dataset: str, metadata: Mapping[str, Any]) -> _Extra:
+        """Parse the dataset's own cuts and load its lumi mask: errors before any file is read."""
+        variables = {name for name, _ in self._plan.variables}
+        taken = {"all", LUMI_STEP, *(label for label, _ in self._plan.cuts)}
+        cuts: list[tuple[str, Expression]] = []
+        texts = metadata.get("cuts") or []
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, text in enumerate(texts):
+            context = f"source.datasets.{dataset}.cuts[{i}]"
+            expr = parse(text, context=context)
+            used = expr.names & variables
+            if used:
+                raise ExpressionError(
+                    f"{context} ({text!r}) uses the variable(s) {', '.join(sorted(used))}, but "
+                    "variables are computed after the cuts; write their expression instead."
+                )
+            label = text.strip()
+            if label in taken:
+                label = f"{label} ({context})"
+            taken.add(label)
+            cuts.append((label, expr))
+        path = metadata.get("lumi_mask")
+        if not path:
+            return _Extra(tuple(cuts))
+        return _Extra(tuple(cuts), _lumi_mask(dataset, str(path)), str(path))
+
+    def _steps(self, extra: _Extra) -> list[str]:
+        steps = ["all"]
+        if self.function is not None:
+            steps.append(_function_label(self.function))
+        if extra.lumi_mask is not None:
+            steps.append(LUMI_STEP)
+        return steps + [label for label, _ in extra.cuts] + [label for label, _ in self._plan.cuts]
+
+    def _state_key(self, fileset: dict[str, dict[str, Any]]) -> str:
+        """What makes a finished skim reusable: the configuration and the inputs as they are now."""
+        inputs = {}
+        for entry in fileset.values():
+            for path in entry["files"]:
+                try:
+                    st = os.stat(path)
+                    inputs[path] = [st.st_size, st.st_mtime_ns]
+                except OSError:
+                    inputs[path] = None  # remote (or missing: the run says so)
+        function = None
+        if self.function is not None:
+            function = f"{getattr(self.function, '__module__', '')}." + getattr(
+                self.function, "__qualname__", repr(self.function)
+            )
+        payload = json.dumps(
+            [config_hash(self.config), fileset, inputs, function], sort_keys=True, default=str
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _resolve_layout(
+        self, good: dict[str, dict[str, str]], extras: dict[str, _Extra]
+    ) -> _Layout:
+        """Check names against the first file of each dataset; the outputs common to all."""
         keep: dict[str, list[str]] | None = None
+        branches: list[str] | None = None
         for dataset, files in good.items():
             if not files:
                 continue
             path, tree = next(iter(files.items()))
-            branches = _read_branches(path, tree)
+            found = _read_branches(path, tree)
             if self.function is not None:
                 this = {
-                    c: _match_fields(branches.fields_of(self._plan.root_of(c)), p)
+                    c: _match_fields(found.fields_of(self._plan.root_of(c)), p)
                     for c, p in self._plan.collections.items()
                 }
             else:
-                this = self._check_branches(branches, dataset)
+                this = self._check_branches(found, dataset)
+                extra = extras.get(dataset, _Extra())
+                for _, expr in extra.cuts:
+                    self._check_expr(found, expr, set(self._plan.object_names))
+            plain = self._match_keep(found)
             keep = this if keep is None else {c: [f for f in keep[c] if f in this[c]] for c in keep}
-        return keep or {c: [] for c in self._plan.collections}
+            branches = plain if branches is None else [b for b in branches if b in plain]
+        keep = keep or {c: [] for c in self._plan.collections}
+        return self._apply_drop(keep, branches or [])
 
-    def _run_coffea(self, fileset: dict[str, Any], keep: dict[str, list[str]]) -> dict[str, Any]:
+    def _match_keep(self, found: _Branches) -> list[str]:
+        """The plain per-event branches ``skim.keep`` names in one file."""
+        chosen: list[str] = []
+        plain = found.plain()
+        for i, pattern in enumerate(self.config.keep):
+            matched = fnmatch.filter(plain, pattern)
+            if not matched:
+                jagged = [b for b in fnmatch.filter(found.names, pattern) if found.is_jagged(b)]
+                if jagged:
+                    coll = jagged[0].split("_", 1)[0]
+                    raise ConfigError(
+                        f"skim.keep[{i}] ('{pattern}') names fields of the collection {coll}, "
+                        f"which has a list per event; keep them with skim.collections: "
+                        f"{{{coll}: [...]}}."
+                    )
+                near = closest(pattern, plain)
+                hint = f" Did you mean {' or '.join(repr(m) for m in near)}?" if near else ""
+                raise MissingBranchError(
+                    f"skim.keep[{i}]: '{pattern}' matches no per-event branch of {found.path}.{hint}"
+                )
+            chosen.extend(m for m in matched if m not in chosen)
+        return chosen
+
+    def _apply_drop(self, keep: dict[str, list[str]], branches: list[str]) -> _Layout:
+        variables = [name for name, _ in self._plan.variables]
+        columns = variables + branches + [f"{c}_{f}" for c, fields in keep.items() for f in fields]
+        dropped: set[str] = set()
+        for i, pattern in enumerate(self.config.drop):
+            matched = fnmatch.filter(columns, pattern)
+            if not matched:
+                raise ConfigError(
+                    f"skim.drop[{i}]: '{pattern}' matches no output column."
+                    f"{did_you_mean(pattern, columns)} The columns are: {', '.join(columns[:40])}."
+                )
+            dropped.update(matched)
+        collections = {
+            c: [f for f in fields if f"{c}_{f}" not in dropped] for c, fields in keep.items()
+        }
+        return _Layout(
+            collections={c: f for c, f in collections.items() if f or not keep[c]},
+            branches=tuple(b for b in branches if b not in dropped),
+            variables=tuple(v for v in variables if v not in dropped),
+        )
+
+    def _run_coffea(
+        self, fileset: dict[str, Any], layout: _Layout, extras: dict[str, _Extra]
+    ) -> dict[str, Any]:
         treename = next(iter(next(iter(fileset.values()))["files"].values()))
-        instance = _SkimProcessor(self._plan, keep, self.function)
-        # a local file that fails fails again: retry only reads over the network
-        remote = any("://" in path for entry in fileset.values() for path in entry["files"])
-        options: dict[str, Any] = {"status": _want_progress()}
-        if not remote:
-            options["retries"] = 0
+        instance = _SkimProcessor(self._plan, layout, self.function, extras)
+        attempts = 1 + self.config.retries
+        status = _want_progress()
         with dask_client(self.cluster) as client:
             if client is None:
-                executor = processor.IterativeExecutor(**options)
+                executor: Any = _LocalExecutor(status=status, retries=0, attempts=attempts)
+                pre: Any = processor.IterativeExecutor(status=False, retries=0)
             else:
-                executor = processor.DaskExecutor(client=client, **options)
+                executor = _ClusterExecutor(
+                    client=client, status=status, retries=0, attempts=attempts
+                )
+                pre = processor.DaskExecutor(client=client, status=False, retries=0)
             runner = processor.Runner(
                 executor,
+                pre_executor=pre,
                 schema=_QuietNanoAODSchema,
                 chunksize=self.config.chunksize,
-                skipbadfiles=self.config.skip_bad_files,
+                skipbadfiles=False,
                 savemetrics=False,
             )
             try:
@@ -767,10 +1221,10 @@ class Skimmer:
         self,
         fileset: dict[str, dict[str, Any]],
         output: dict[str, Any],
-        skipped: dict[str, list[str]],
-        keep: dict[str, list[str]],
+        skipped: dict[str, dict[str, str]],
+        layout: _Layout,
+        extras: dict[str, _Extra],
     ) -> SkimResult:
-        labels = [label for label, _ in self._plan.cuts]
         arrays: dict[str, ak.Array] = {}
         cutflow: dict[str, dict[str, dict[str, Any]]] = {}
         metadata: dict[str, dict[str, Any]] = {}
@@ -778,20 +1232,21 @@ class Skimmer:
         for dataset, entry in fileset.items():
             order = {path: i for i, path in enumerate(entry["files"])}
             acc = output.get(dataset, {})
-            chunks = sorted(acc.get("chunks", []), key=lambda c: (order.get(c[0][0], 0), c[0][1]))
+            chunks = sorted(
+                (c for c in acc.get("chunks", []) if c[0][0] not in skipped[dataset]),
+                key=lambda c: (order.get(c[0][0], 0), c[0][1]),
+            )
             if chunks:
                 arrays[dataset] = ak.concatenate([c[1] for c in chunks], axis=0)
             else:
-                arrays[dataset] = self._empty(keep)
-            flow = acc.get("cutflow", {})
-            steps = ["all"] + [s for s in flow if s.startswith("function ")] + labels
-            cutflow[dataset] = {
-                s: {
-                    "events": int(flow.get(s, {}).get("events", 0)),
-                    "sumw": float(flow.get(s, {}).get("sumw", 0.0)),
-                }
-                for s in steps
-            }
+                arrays[dataset] = self._empty(layout)
+            steps = self._steps(extras.get(dataset, _Extra()))
+            flow = {s: {"events": 0, "sumw": 0.0} for s in steps}
+            for chunk in chunks:
+                for step, numbers in chunk[2].items():
+                    flow[step]["events"] += int(numbers["events"])
+                    flow[step]["sumw"] += float(numbers["sumw"])
+            cutflow[dataset] = flow
             meta = dict(entry["metadata"])
             meta["sumw"] = cutflow[dataset]["all"]["sumw"]
             meta["files"] = [p for p in entry["files"] if p not in skipped[dataset]]
@@ -801,7 +1256,9 @@ class Skimmer:
             label = meta.get("label", dataset)
             if label not in class_names:
                 class_names.append(label)
-        result = SkimResult(arrays, cutflow, metadata, class_names)
+        result = SkimResult(
+            arrays, cutflow, metadata, class_names, {d: dict(f) for d, f in skipped.items() if f}
+        )
         n_in = sum(f["all"]["events"] for f in cutflow.values())
         if n_in and result.n_events == 0:
             raise EmptySelectionError(self._empty_message(result))
@@ -823,44 +1280,149 @@ class Skimmer:
             f"Cutflow:\n{result.cutflow_table()}"
         )
 
-    def _empty(self, keep: dict[str, list[str]]) -> ak.Array:
-        columns: dict[str, Any] = {
-            name: np.zeros(0, np.float64) for name, _ in self._plan.variables
-        }
-        for coll, fields in keep.items():
+    def _empty(self, layout: _Layout) -> ak.Array:
+        columns: dict[str, Any] = {name: np.zeros(0, np.float64) for name in layout.variables}
+        for coll, fields in layout.collections.items():
             columns[coll] = ak.unflatten(
                 ak.zip({f: np.zeros(0, np.float64) for f in fields}, depth_limit=1)
                 if fields
                 else ak.Array(np.zeros(0)),
                 np.zeros(0, np.int64),
             )
+        columns.update({name: np.zeros(0, np.float64) for name in layout.branches})
         columns.update({name: np.zeros(0, np.int64) for name in EVENT_ID})
         columns[WEIGHT] = np.zeros(0, np.float64)
         return ak.zip(columns, depth_limit=1)
 
-    def write(self, result: SkimResult, directory: str | Path) -> list[Path]:
-        """Write every dataset of ``result`` to ``<directory>/<dataset>.root`` (TTree ``Events``).
+    def write(
+        self, result: SkimResult, directory: str | Path, *, key: str | None = None
+    ) -> list[Path]:
+        """Write ``result`` to ``directory``: a NanoAOD-like ROOT file per dataset and the cutflow.
 
-        Collections become NanoAOD-like branches (``GoodJet_pt`` with counter
-        ``nGoodJet``), variables and event columns plain branches. Each file is
-        written to ``<name>.tmp`` first and renamed when complete.
+        ``<dataset>.root`` holds a TTree ``Events``: collections as NanoAOD
+        branches (``GoodJet_pt`` with the counter ``nGoodJet``), variables, kept
+        branches and event columns as plain branches, and ``label``, the class
+        index of the dataset (its position in ``result.class_names``).
+        ``cutflow.json`` holds the cutflow and ``skim.json`` what
+        :meth:`SkimResult.load` needs (and ``key``, the hash a rerun compares).
+        Every file is written under a temporary name and renamed when complete;
+        ``skim.json`` comes last, so only a finished skim counts as one.
         """
         import uproot
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / STATE_FILE).unlink(missing_ok=True)  # unfinished until rewritten
         written: list[Path] = []
+        datasets: dict[str, Any] = {}
         for dataset, array in result.arrays.items():
             target = directory / f"{dataset}.root"
             tmp = target.with_name(target.name + ".tmp")
             branches = {name: array[name] for name in array.fields}
+            label = result.metadata.get(dataset, {}).get("label", dataset)
+            index = result.class_names.index(label) if label in result.class_names else -1
+            branches[LABEL] = ak.Array(np.full(len(array), index, np.int32))
             with uproot.recreate(tmp) as file:
                 tree = file.mktree("Events", {k: _branch_type(v) for k, v in branches.items()})
                 if len(array):
                     tree.extend(branches)
             os.replace(tmp, target)
             written.append(target)
+            datasets[dataset] = {
+                "file": target.name,
+                "columns": _columns_of(array),
+                "metadata": result.metadata.get(dataset, {}),
+                "skipped": result.skipped.get(dataset, {}),
+            }
+        result.save_cutflow(directory / CUTFLOW_FILE)
+        from .. import __version__
+
+        _write_json(
+            directory / STATE_FILE,
+            {
+                "key": key,
+                "cmsmlkit": __version__,
+                "class_names": result.class_names,
+                "datasets": datasets,
+            },
+        )
         return written
+
+
+def _columns_of(array: ak.Array) -> list[list[Any]]:
+    """The record layout of a skim: ``[name, None]`` for a column, ``[name, [fields]]`` for a collection."""
+    columns: list[list[Any]] = []
+    for name in array.fields:
+        value = array[name]
+        columns.append([name, list(value.fields) if value.ndim >= 2 else None])
+    return columns
+
+
+def _from_branches(raw: ak.Array, columns: list[list[Any]]) -> ak.Array:
+    """Rebuild the skim records from the branches of a skimmed ROOT file."""
+    out: dict[str, Any] = {}
+    for name, fields in columns:
+        if fields is None:
+            out[name] = ak.to_numpy(raw[name])
+            continue
+        counts = ak.to_numpy(raw[f"n{name}"])
+        flat = {f: ak.to_numpy(ak.flatten(raw[f"{name}_{f}"], axis=1)) for f in fields}
+        content = ak.zip(flat, depth_limit=1) if flat else ak.Array(np.zeros(int(counts.sum())))
+        out[name] = ak.unflatten(content, counts)
+    return ak.zip(out, depth_limit=1)
+
+
+def _finished(directory: Path, key: str, datasets: list[str]) -> bool:
+    """True when ``directory`` holds a complete skim made with ``key``."""
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if state.get("key") != key or sorted(state.get("datasets", {})) != sorted(datasets):
+        return False
+    files = [directory / info["file"] for info in state["datasets"].values()]
+    return (directory / CUTFLOW_FILE).is_file() and all(f.is_file() for f in files)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _lumi_mask(dataset: str, path: str) -> Any:
+    """coffea's LumiMask of a golden JSON, with errors that name the file."""
+    from coffea.lumi_tools import LumiMask
+
+    where = f"source.datasets.{dataset}.lumi_mask"
+    if "://" not in path and not Path(path).is_file():
+        raise InputFileError(
+            f"{where}: the golden JSON {path} does not exist. Download it from "
+            "https://cms-service-dqmdc.web.cern.ch/CAF/certification/ (or give the right path)."
+        )
+    try:
+        data = json.loads(Path(path).read_text()) if "://" not in path else None
+        if data is not None and not (
+            isinstance(data, dict)
+            and all(
+                str(run).isdigit()
+                and isinstance(ranges, list)
+                and all(isinstance(r, list) and len(r) == 2 for r in ranges)
+                for run, ranges in data.items()
+            )
+        ):
+            raise ValueError('expected {"run": [[first_lumi, last_lumi], ...], ...}')
+        return LumiMask(path)
+    except Exception as exc:
+        raise InputFileError(
+            f"{where}: {path} is not a golden JSON ({type(exc).__name__}: {exc}). It maps run "
+            'numbers to lists of [first, last] luminosity-block ranges: {"315257": [[1, 88]]}.'
+        ) from None
+
+
+def _short(step: str, width: int = 28) -> str:
+    return step if len(step) <= width else step[: width - 1] + "…"
 
 
 def _branch_type(value: ak.Array) -> Any:
@@ -881,7 +1443,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     """The cmsmlkit error inside an exception coffea wrapped, else the exception itself."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, (ExpressionError, InputFileError, ConfigError)):
+        if isinstance(seen, CmsmlError):
             return seen
         seen = seen.__cause__ or seen.__context__
     return exc

@@ -12,14 +12,20 @@ A file entry may be
 - a text file (``*.txt``) with one entry per line (``#`` starts a comment;
   relative paths are relative to the text file);
 - a DAS dataset name (``/Primary/Processed/NANOAODSIM``), looked up with
-  ``dasgoclient`` (needs a CMS environment and a GRID proxy).
+  ``dasgoclient`` (needs a CMS environment and a GRID proxy: the file named by
+  ``X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``; it is checked, present and
+  not expired, before DAS is asked).
 
 Building a source checks the configuration only; :meth:`NanoAODSource.fileset`
-resolves the entries, and :meth:`NanoAODSource.check` opens the files.
+resolves the entries, :meth:`NanoAODSource.nevents` opens the files and counts
+their events (from the tree's header: no event data is read), and
+:meth:`NanoAODSource.open_events` opens one file as coffea NanoEvents for
+exploring in a notebook.
 """
 
 from __future__ import annotations
 
+import datetime
 import glob
 import os
 import re
@@ -31,15 +37,18 @@ from typing import Any
 from ..config import DatasetConfig, SourceConfig, build_config
 from ..errors import ConfigError, InputFileError, MissingDependencyError, closest, did_you_mean
 
-__all__ = ["NanoAODSource", "is_das_dataset", "is_remote"]
+__all__ = ["NanoAODSource", "check_proxy", "is_das_dataset", "is_remote"]
 
 #: A DAS dataset name: /<primary>/<processed>/<TIER>, e.g. /DYJets.../RunII...-v1/NANOAODSIM.
 DAS_PATTERN = re.compile(r"^/[^/]+/[^/]+/[A-Z]+[A-Z0-9-]*$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOB_CHARS = set("*?[")
-_RESERVED = ("dataset", "label", "is_mc", "xsec")
+_RESERVED = ("dataset", "label", "is_mc", "xsec", "cuts", "lumi_mask")
 _MAX_TXT_DEPTH = 5
 _DAS_TIMEOUT_S = 300
+#: The command that makes a GRID proxy CMS services accept (valid 8 days).
+PROXY_COMMAND = "voms-proxy-init -voms cms -rfc -valid 192:00"
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def is_remote(entry: str) -> bool:
@@ -50,6 +59,72 @@ def is_remote(entry: str) -> bool:
 def is_das_dataset(entry: str) -> bool:
     """True for a DAS dataset name such as ``/TTToSemiLeptonic_.../...-v1/NANOAODSIM``."""
     return bool(DAS_PATTERN.match(entry)) and not entry.startswith("/store/")
+
+
+def proxy_path() -> Path:
+    """Where the GRID proxy is: ``$X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``."""
+    env = os.environ.get("X509_USER_PROXY")
+    return Path(env) if env else Path(f"/tmp/x509up_u{os.getuid()}")
+
+
+def check_proxy(path: str | Path | None = None) -> Path:
+    """Check that the GRID proxy exists and has not expired; return its path.
+
+    The time left is read with ``voms-proxy-info --timeleft`` when it is
+    installed, else from the certificate's notAfter (with ``cryptography``);
+    without either only the file's presence is checked. The proxy's content is
+    never logged or put into a message.
+
+    Raises
+    ------
+    InputFileError
+        the proxy file is missing, unreadable or expired; the message gives
+        the command that makes a new one.
+    """
+    path = Path(path) if path is not None else proxy_path()
+    where = "X509_USER_PROXY" if os.environ.get("X509_USER_PROXY") else "the default location"
+    if not path.is_file():
+        raise InputFileError(
+            f"no GRID proxy at {path} ({where}); reading CMS data needs one. "
+            f"Create it with `{PROXY_COMMAND}` (and `export X509_USER_PROXY=...` if you keep it "
+            "elsewhere, e.g. on AFS for batch jobs)."
+        )
+    left = _proxy_seconds_left(path)
+    if left is not None and left <= 0:
+        raise InputFileError(
+            f"the GRID proxy at {path} has expired. Renew it with `{PROXY_COMMAND}`."
+        )
+    return path
+
+
+def _proxy_seconds_left(path: Path) -> float | None:
+    """Seconds of validity left, or None when nothing here can tell."""
+    info = shutil.which("voms-proxy-info")
+    if info is not None:
+        try:
+            out = subprocess.run(
+                [info, "--file", str(path), "--timeleft"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            return float(out.stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):
+            pass  # fall back to reading the certificate
+    try:
+        from cryptography import x509
+    except ImportError:
+        return None
+    try:
+        block = _PEM_CERT.search(path.read_bytes())
+        if block is None:
+            return None
+        cert = x509.load_pem_x509_certificate(block.group(0))
+    except (OSError, ValueError):
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (cert.not_valid_after_utc - now).total_seconds()
 
 
 class NanoAODSource:
@@ -96,6 +171,12 @@ class NanoAODSource:
                     f"source.datasets.{name}.metadata sets {', '.join(map(repr, clash))}, which the "
                     f"source fills itself; set them as keys of the dataset (e.g. 'label:') instead."
                 )
+            if dataset.lumi_mask and dataset.is_mc:
+                raise ConfigError(
+                    f"source.datasets.{name}.lumi_mask is set but the dataset is simulation "
+                    "(is_mc: true); a golden JSON selects certified collision data: set "
+                    "is_mc: false, or remove lumi_mask."
+                )
         self._das_cache: dict[str, list[str]] = {}
         self._resolved: dict[str, list[str]] = {}
 
@@ -118,13 +199,17 @@ class NanoAODSource:
     def metadata(self, dataset: str) -> dict[str, Any]:
         """The fileset metadata of one dataset: name, label, is_mc, xsec and the user's own keys."""
         ds = self._dataset(dataset)
-        return {
+        meta: dict[str, Any] = {
             "dataset": dataset,
             "label": ds.label,
             "is_mc": ds.is_mc,
             "xsec": ds.xsec,
-            **ds.metadata,
         }
+        if ds.cuts:
+            meta["cuts"] = list(ds.cuts)
+        if ds.lumi_mask:
+            meta["lumi_mask"] = os.path.abspath(os.path.expanduser(ds.lumi_mask))
+        return {**meta, **ds.metadata}
 
     def __repr__(self) -> str:
         parts = []
@@ -183,16 +268,31 @@ class NanoAODSource:
         }
 
     def check(self) -> dict[str, dict[str, int]]:
-        """Open every file and count its events: ``{dataset: {file: entries}}``.
+        """Open every file and count its events (the same as :meth:`nevents` of all datasets)."""
+        return self.nevents()
+
+    def nevents(self, dataset: str | None = None) -> dict[str, dict[str, int]]:
+        """Events per file, ``{dataset: {file: entries}}``, for one dataset or all.
+
+        Only the tree's header is read (its entry count), no event data, so
+        this is quick even over ``root://``.
 
         Raises :class:`~cmsmlkit.errors.InputFileError` naming the file when it
         cannot be opened or lacks the tree (with the trees it does have).
+
+        Examples
+        --------
+        >>> source.nevents("ttbar")  # doctest: +SKIP
+        {'ttbar': {'/data/ttbar_1.root': 100000, '/data/ttbar_2.root': 98211}}
         """
         import uproot
 
         tree = self.config.treename
+        if dataset is not None:
+            self._dataset(dataset)  # an unknown name is an error listing the known ones
+        names = self.datasets if dataset is None else [dataset]
         counts: dict[str, dict[str, int]] = {}
-        for name in self.config.datasets:
+        for name in names:
             counts[name] = {}
             for path in self.files(name):
                 try:
@@ -212,6 +312,61 @@ class NanoAODSource:
                         f"dataset '{name}': cannot read {path}: {type(exc).__name__}: {exc}"
                     ) from exc
         return counts
+
+    def open_events(
+        self, dataset: str | None = None, file: int = 0, *, entry_stop: int | None = None
+    ) -> Any:
+        """One file as coffea NanoEvents, for exploring in a notebook.
+
+        Parameters
+        ----------
+        dataset : str, optional
+            The dataset (default: the first one).
+        file : int
+            Position of the file among the dataset's resolved files.
+        entry_stop : int, optional
+            Read only the first ``entry_stop`` events.
+
+        Returns
+        -------
+        NanoEventsArray
+            ``events.Jet.pt``, ``events.Muon[:, 0]``, ... with coffea's vector
+            behaviour; columns are read when first used.
+
+        Examples
+        --------
+        >>> events = source.open_events("ttbar")  # doctest: +SKIP
+        >>> events.fields[:3]  # doctest: +SKIP
+        ['Jet', 'Muon', 'MET']
+        """
+        import warnings
+
+        from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
+
+        name = dataset if dataset is not None else self.datasets[0]
+        files = self.files(name)
+        if not -len(files) <= file < len(files):
+            raise ConfigError(
+                f"dataset '{name}' has {len(files)} file(s); file={file} is out of range."
+            )
+        path = files[file]
+        tree = self.config.treename
+        try:
+            with warnings.catch_warnings():
+                # real NanoAOD makes the schema note missing cross-references and Photon fields
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"coffea\.")
+                return NanoEventsFactory.from_root(
+                    {path: tree},
+                    schemaclass=NanoAODSchema,
+                    mode="virtual",
+                    entry_stop=entry_stop,
+                    metadata=self.metadata(name),
+                ).events()
+        except Exception as exc:
+            raise InputFileError(
+                f"dataset '{name}': cannot open {path}:{tree} as NanoEvents "
+                f"({type(exc).__name__}: {exc}). Check it with source.nevents('{name}')."
+            ) from None
 
     # ------------------------------------------------------------------ helpers
 
@@ -293,9 +448,10 @@ class NanoAODSource:
             raise MissingDependencyError(
                 f"dataset '{dataset}': '{name}' is a DAS dataset name, and looking it up needs "
                 "`dasgoclient`, which is not on PATH. Run in a CMS environment (`cmsenv` in a CMSSW "
-                "release, or on LXPLUS) with a valid GRID proxy (`voms-proxy-init -voms cms`), "
+                f"release, or on LXPLUS) with a valid GRID proxy (`{PROXY_COMMAND}`), "
                 "or list the files (a .txt file with one /store/... path per line works anywhere)."
             )
+        proxy = check_proxy()
         query = f"file dataset={name}"
         try:
             result = subprocess.run(
@@ -304,6 +460,7 @@ class NanoAODSource:
                 text=True,
                 timeout=_DAS_TIMEOUT_S,
                 check=False,
+                env={**os.environ, "X509_USER_PROXY": str(proxy)},
             )
         except subprocess.TimeoutExpired:
             raise InputFileError(
@@ -317,7 +474,7 @@ class NanoAODSource:
                 f"dataset '{dataset}': `dasgoclient -query \"{query}\"` failed "
                 f"(exit {result.returncode}): {tail}. Check the dataset name on "
                 "https://cmsweb.cern.ch/das and that your GRID proxy is valid "
-                "(`voms-proxy-info`; renew with `voms-proxy-init -voms cms`)."
+                f"(`voms-proxy-info`; renew with `{PROXY_COMMAND}`)."
             )
         files = sorted(line.strip() for line in result.stdout.splitlines() if line.strip())
         if not files:

@@ -5,8 +5,9 @@
     bundle.json   architecture, features, standardisation, padding, class names,
                   skim/convert configs, provenance, metrics, versions, file hashes
     model.pt      the state_dict only (read back with torch.load(weights_only=True))
-    model.onnx    the network with a softmax, for ONNX Runtime (CMSSW): input
-                  "features" [batch, D] float32, output "probabilities" [batch, C]
+    model.onnx    the network with its probabilities, for ONNX Runtime (CMSSW): input
+                  "features" [batch, n_inputs] float32, output "probabilities" [batch, C]
+    model.ts      the same as TorchScript (torch.jit.load; coffea's torch_wrapper)
     metrics.json  the metrics alone, for a quick look
     figures/      <name>.png and <name>.pdf
 
@@ -43,8 +44,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import BundleError
-from .dataset import FeatureSpec, Standardiser, check_finite, feature_matrix
-from .models import build_model
+from .dataset import FeatureSpec, InputLayout, Standardiser, check_finite, feature_matrix
+from .models import MLP, WithProbabilities, build_model, probabilities
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,20 +109,9 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-class _WithSoftmax(nn.Module):
-    """The exported graph: logits turned into class probabilities."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
-
-
-def _export_onnx(net: nn.Module, n_inputs: int, target: Path) -> None:
-    """Export ``net`` + softmax to ``target`` and check ONNX Runtime agrees with torch."""
-    wrapper = _WithSoftmax(net).eval()
+def _export_onnx(net: nn.Module, n_inputs: int, n_classes: int, n_out: int, target: Path) -> None:
+    """Export ``net`` + probabilities to ``target`` and check ONNX Runtime agrees with torch."""
+    wrapper = WithProbabilities(net, n_classes, n_out).eval()
     example = torch.zeros(2, n_inputs, dtype=torch.float32)
     torch.onnx.export(
         wrapper,
@@ -151,16 +141,50 @@ def _export_onnx(net: nn.Module, n_inputs: int, target: Path) -> None:
             )
 
 
+def _export_torchscript(
+    net: nn.Module, n_inputs: int, n_classes: int, n_out: int, target: Path
+) -> None:
+    """Trace ``net`` + probabilities to TorchScript and check the traced graph agrees."""
+    wrapper = WithProbabilities(net, n_classes, n_out).eval()
+    generator = torch.Generator().manual_seed(1)
+    example = torch.randn(4, n_inputs, generator=generator)
+    with torch.no_grad():
+        try:
+            traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+        except Exception as exc:
+            raise BundleError(
+                f"the model cannot be traced to TorchScript ({type(exc).__name__}: {exc}); "
+                "its forward must take one float tensor [batch, n_inputs]."
+            ) from None
+        x = torch.randn(9, n_inputs, generator=generator)
+        diff = float((traced(x) - wrapper(x)).abs().max())
+    if not diff <= ONNX_TOLERANCE:
+        raise BundleError(
+            f"the TorchScript export differs from the torch model by {diff:.3g}: the forward "
+            "depends on the batch size or on Python control flow that tracing cannot record."
+        )
+    torch.jit.save(traced, str(target))
+
+
 def _write_contents(
     directory: Path, model: nn.Module, info: Mapping[str, Any], figures: Mapping[str, Figure] | None
 ) -> None:
     model_info = info.get("model") or {}
     if "n_inputs" not in model_info or "n_classes" not in model_info:
         raise BundleError("info['model'] must hold 'n_inputs' and 'n_classes' of the network.")
-    net = copy.deepcopy(model).cpu().eval()
+    net = copy.deepcopy(model).cpu().float().eval()
     state = {key: value.detach().clone() for key, value in net.state_dict().items()}
     torch.save(state, directory / "model.pt")
-    _export_onnx(net, int(model_info["n_inputs"]), directory / "model.onnx")
+    n_inputs, n_classes = int(model_info["n_inputs"]), int(model_info["n_classes"])
+    with torch.no_grad():
+        n_out = int(net(torch.zeros(2, n_inputs)).shape[1])
+    if n_out not in (n_classes, 1 if n_classes == 2 else n_classes):
+        raise BundleError(
+            f"the network gives {n_out} outputs for {n_classes} classes; it must give "
+            f"{'1 (binary) or 2' if n_classes == 2 else n_classes} logits."
+        )
+    _export_onnx(net, n_inputs, n_classes, n_out, directory / "model.onnx")
+    _export_torchscript(net, n_inputs, n_classes, n_out, directory / "model.ts")
     if figures:
         from ..plots import save_figure
 
@@ -169,10 +193,13 @@ def _write_contents(
     _write_json(directory / "metrics.json", info.get("metrics") or {})
     bundle_json = {
         **info,
+        "model": {**model_info, "n_outputs": n_out},
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": {name: _sha256(directory / name) for name in ("model.pt", "model.onnx")},
+        "files": {
+            name: _sha256(directory / name) for name in ("model.pt", "model.onnx", "model.ts")
+        },
     }
     _write_json(directory / "bundle.json", bundle_json)
 
@@ -199,7 +226,9 @@ def save_bundle(
         (it is copied to the CPU; the caller's model is not changed).
     info
         What ``bundle.json`` holds: ``model`` (ModelConfig fields plus
-        ``n_inputs`` and ``n_classes``), ``features``, ``standardisation``,
+        ``n_inputs``, ``n_classes`` and ``n_outputs``), ``layout`` (the
+        :class:`~cmsmlkit.ml.dataset.InputLayout`, when the rows carry masks), ``features``,
+        ``standardisation``,
         ``class_names``, ``padding``, ``skim``, ``convert``, ``train``,
         ``provenance``, ``metrics``, ``history``. NaN and infinite numbers are
         written as ``null`` (strict JSON).
@@ -270,15 +299,24 @@ class Bundle:
             model_info = self.info["model"]
             self.n_inputs = int(model_info["n_inputs"])
             self.n_classes = int(model_info["n_classes"])
+            self.layout = (
+                InputLayout.from_dict(self.info["layout"])
+                if self.info.get("layout")
+                else InputLayout(self.features)
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(
                 f"{self.path / 'bundle.json'} is incomplete or malformed ({type(exc).__name__}: {exc}); "
                 "it was not written by cmsmlkit's save_bundle. Train the model again."
             ) from None
-        if self.standardiser.n_inputs != self.n_inputs:
+        if (
+            self.standardiser.n_inputs != self.layout.n_features
+            or self.layout.n_inputs != self.n_inputs
+        ):
             raise BundleError(
                 f"{self.path / 'bundle.json'}: the standardisation covers {self.standardiser.n_inputs} "
-                f"inputs but the model has {self.n_inputs}. Train the model again."
+                f"inputs and the layout {self.layout.n_inputs} but the model has {self.n_inputs}. "
+                "Train the model again."
             )
 
     @classmethod
@@ -354,6 +392,12 @@ class Bundle:
         return self.path / "model.onnx"
 
     @property
+    def torchscript_path(self) -> Path:
+        """The TorchScript file (``torch.jit.load``; coffea's ``torch_wrapper``): input rows
+        [batch, n_inputs] float32 as :meth:`rows` makes them, output probabilities [batch, C]."""
+        return self.path / "model.ts"
+
+    @property
     def model_config(self) -> ModelConfig:
         """The architecture as a :class:`~cmsmlkit.config.ModelConfig`."""
         fields = {k: v for k, v in self.info["model"].items() if k in ModelConfig.model_fields}
@@ -372,7 +416,23 @@ class Bundle:
             raise BundleError(
                 f"{self.path / 'bundle.json'}: invalid model architecture: {exc}"
             ) from None
-        net = build_model(config, self.n_inputs, self.n_classes)
+        try:
+            n_out = self.info["model"].get("n_outputs") or self.n_classes
+            if n_out == self.n_classes == 2 and config.type == "mlp":
+                # bundles of cmsmlkit <= 0.1 (and two-logit networks): one logit per class
+                net: nn.Module = MLP(
+                    self.n_inputs,
+                    self.n_classes,
+                    list(config.hidden),
+                    config.dropout,
+                    config.activation,
+                )
+            else:
+                net = build_model(config, self.n_inputs, self.n_classes, self.layout)
+        except Exception as exc:
+            raise BundleError(
+                f"{self.path / 'bundle.json'}: cannot build the model ({exc})"
+            ) from None
         try:
             state = torch.load(weights, weights_only=True, map_location="cpu")
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
@@ -394,6 +454,13 @@ class Bundle:
         self._model = net.eval()
         return self._model
 
+    def rows(self, columns: Mapping[str, Any], rows: slice | None = None) -> np.ndarray:
+        """The network's input rows float32 [N, n_inputs] of ``columns`` (all events, or ``rows``):
+        the features standardised as in training, then the masks of the layout."""
+        X, valid = feature_matrix(columns, self.features, rows=rows)
+        check_finite(X, valid, self.features)
+        return self.layout.rows(X, valid, self.standardiser)
+
     def predict_proba(self, columns: Mapping[str, Any], batch_size: int = 65536) -> np.ndarray:
         """Class probabilities float32 [N, C] for the events of ``columns``.
 
@@ -414,11 +481,8 @@ class Bundle:
         with torch.no_grad():
             for start in range(0, n_events, batch_size):
                 rows = slice(start, min(start + batch_size, n_events))
-                X, valid = feature_matrix(columns, self.features, rows=rows)
-                check_finite(X, valid, self.features)
-                Z = self.standardiser.transform(X, valid)
-                logits = net(torch.from_numpy(Z))
-                out[rows] = torch.softmax(logits, dim=1).numpy()
+                logits = net(torch.from_numpy(self.rows(columns, rows)))
+                out[rows] = probabilities(logits, self.n_classes).numpy()
         return out
 
     def __repr__(self) -> str:

@@ -1,12 +1,18 @@
 """The Trainer: HDF5 files -> a trained classifier in a model bundle.
 
-:meth:`Trainer.fit` reads the features of the HDF5 inputs, splits the events
-(stratified, seeded) into training, validation and test sets, standardises
-the inputs with statistics of the training split only, trains the network with
-PyTorch Lightning (early stopping and checkpointing on the validation AUC),
-restores the best epoch's weights, evaluates them on the test split, draws the
-figures and writes the bundle; with tracking enabled the run, its per-epoch
-metrics, figures and bundle go to MLflow.
+:meth:`Trainer.fit` builds an :class:`~cmsmlkit.ml.dataset.HDF5DataModule`
+(which checks every input and reports bad data before any training), splits
+the events (stratified by a seeded fraction, or by file), standardises with
+statistics of the training split only, and trains the network with PyTorch
+Lightning: the configured optimiser and learning-rate schedule, gradient
+clipping, early stopping and checkpointing on a validation metric, a target
+that ends training once reached, CPU by default and a GPU (with mixed
+precision) when there is one. An interrupted training resumes from its last
+checkpoint (``<output>.checkpoints``) when run again with the same
+configuration. The best epoch's weights are evaluated on the test split (and
+on training events, for the overtraining check), the figures are drawn, and
+the bundle is written; with tracking enabled the run, its per-epoch metrics,
+figures and bundle go to MLflow.
 
 >>> from cmsmlkit import Trainer
 >>> trainer = Trainer(inputs=["data.h5"], features=["ht", "GoodJet.*"], max_epochs=10)
@@ -18,9 +24,12 @@ TrainResult(test AUC = 0.912, epochs = 10, bundle = 'model')
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -33,13 +42,12 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from ..config import ClusterConfig, TrainConfig, build_config
+from ..config import ClusterConfig, TrackingConfig, TrainConfig, build_config, config_hash
 from ..errors import ConfigError, DataError, did_you_mean
 
 if TYPE_CHECKING:
-    from .dataset import InputData
+    from .dataset import HDF5DataModule
 
 __all__ = ["Trainer", "TrainResult", "class_weights"]
 
@@ -58,8 +66,8 @@ _QUIET_WARNINGS = (
 )
 #: The accelerator names Lightning knows ("gpu" and "cuda" are the same on NVIDIA machines).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-#: Rows per forward pass when scoring the test split.
-_EVAL_BATCH = 65536
+#: Training events scored for the overtraining check (train vs test score distributions).
+OVERTRAINING_EVENTS = 200_000
 
 
 @dataclass
@@ -71,12 +79,14 @@ class TrainResult:
     bundle_path : Path or None
         The model bundle directory; None when ``fit(write_bundle=False)``.
     metrics : dict
-        ``test_auc``, ``val_auc`` (best epoch), ``test_accuracy``, ``best_epoch``
-        (counted from 1), ``epochs_trained``, ``n_train``, ``n_val``, ``n_test``,
-        ``class_names``, ``seconds``, and for more than two classes
-        ``test_auc_<class>`` (one-vs-rest) per class.
+        ``test_auc``, ``val_auc`` (best epoch), ``train_auc`` (training events
+        scored with the best weights: far above ``test_auc`` means overtraining),
+        ``test_accuracy``, ``best_epoch`` (counted from 1), ``epochs_trained``,
+        ``stopped_by`` (``max_epochs``, ``patience`` or ``target``), ``n_train``,
+        ``n_val``, ``n_test``, ``class_names``, ``seconds``, and for more than
+        two classes ``test_auc_<class>`` (one-vs-rest) per class.
     history : dict of str to list of float
-        ``train_loss``, ``val_loss`` and ``val_auc`` per epoch.
+        ``train_loss``, ``val_loss``, ``val_auc`` and ``lr`` per epoch.
     run_id : str or None
         The MLflow run, when tracking is enabled.
 
@@ -146,10 +156,18 @@ def class_weights(
 
 
 class _History(pl.Callback):
-    """Collects train_loss, val_loss and val_auc at the end of each training epoch."""
+    """Collects train_loss, val_loss, val_auc and the learning rate at the end of each epoch.
+
+    Its state is saved in the checkpoints, so a resumed training has the whole history.
+    """
 
     def __init__(self) -> None:
-        self.history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_auc": []}
+        self.history: dict[str, list[float]] = {
+            "train_loss": [],
+            "val_loss": [],
+            "val_auc": [],
+            "lr": [],
+        }
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # validation has run by now, and the epoch means of train_loss are final
@@ -157,35 +175,24 @@ class _History(pl.Callback):
         for key, values in self.history.items():
             if key in metrics:
                 values.append(float(metrics[key]))
+        if trainer.optimizers:
+            self.history["lr"].append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state_dict["history"].items()}
 
 
-class _Batches:
-    """Tensors served one whole batch at a time (a batch of indices in, a batch out)."""
+class _EpochSeed(pl.Callback):
+    """Tells the DataModule the epoch, so each epoch's shuffle is seeded (and the same on resume)."""
 
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.tensors = tensors
+    def __init__(self, datamodule: HDF5DataModule) -> None:
+        self.datamodule = datamodule
 
-    def __len__(self) -> int:
-        return len(self.tensors[0])
-
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(index)
-        return tuple(t[index] for t in self.tensors)
-
-
-def _loader(
-    tensors: Sequence[torch.Tensor], batch_size: int, *, shuffle: bool, seed: int
-) -> DataLoader:
-    """A DataLoader over in-memory tensors that slices batches instead of collating single rows."""
-    data = _Batches(*tensors)
-    if shuffle:
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        sampler: Any = RandomSampler(data, generator=generator)  # type: ignore[arg-type]
-    else:
-        sampler = SequentialSampler(data)  # type: ignore[arg-type]
-    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
-    return DataLoader(data, sampler=batches, batch_size=None, num_workers=0)  # type: ignore[arg-type]
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.datamodule.set_epoch(trainer.current_epoch)
 
 
 @contextlib.contextmanager
@@ -207,39 +214,43 @@ def _quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _flat_params(config: TrainConfig, data: InputData) -> dict[str, Any]:
+def _flat_params(config: TrainConfig, dm: HDF5DataModule) -> dict[str, Any]:
     """The run's parameters as flat scalars (MLflow stores strings of at most a few kB)."""
-    c = config
 
     def text(value: Any, limit: int = 500) -> str:
         s = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         return s if len(s) <= limit else s[: limit - 3] + "..."
 
-    return {
-        "model.type": c.model.type,
-        "model.hidden": text(c.model.hidden),
-        "model.dropout": c.model.dropout,
-        "model.activation": c.model.activation,
-        "learning_rate": c.learning_rate,
-        "weight_decay": c.weight_decay,
-        "batch_size": c.batch_size,
-        "max_epochs": c.max_epochs,
-        "patience": c.patience,
-        "val_fraction": c.val_fraction,
-        "test_fraction": c.test_fraction,
-        "class_weights": text(c.class_weights),
-        "event_weights": c.event_weights,
-        "seed": c.seed,
-        "features": text(c.features),
-        "n_inputs": data.n_inputs,
-        "n_classes": len(data.class_names),
-        "class_names": text(data.class_names),
-        "inputs": text(c.inputs),
-    }
+    params: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        if key == "tracking":
+            continue
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                params[f"{key}.{sub}"] = text(v) if isinstance(v, (list, tuple, dict)) else v
+        else:
+            params[key] = text(value) if isinstance(value, (list, tuple)) else value
+    params.update(
+        {
+            "n_inputs": dm.layout.n_inputs,
+            "n_classes": len(dm.class_names),
+            "class_names": text(dm.class_names),
+            "loader": dm.mode,
+        }
+    )
+    return params
 
 
 def _metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def _device(accelerator: str) -> tuple[bool, str]:
+    """Whether training runs on a GPU, and the precision ``auto`` means there."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return False, "32-true"
+    return True, "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 class Trainer:
@@ -293,6 +304,10 @@ class Trainer:
                 len(self.config.class_weights),
                 self.config.class_weights,
             )
+        if self.config.model.type == "custom":
+            from .models import import_model_class
+
+            import_model_class(self.config.model.import_path or "")
 
     def __repr__(self) -> str:
         c = self.config
@@ -306,6 +321,17 @@ class Trainer:
         """The bundle directory."""
         return Path(self.config.output)
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints live while training (``<output>.checkpoints``), removed when done."""
+        return self.output.with_name(self.output.name + ".checkpoints")
+
+    def datamodule(self) -> HDF5DataModule:
+        """The :class:`~cmsmlkit.ml.dataset.HDF5DataModule` of this configuration (not set up)."""
+        from .dataset import HDF5DataModule
+
+        return HDF5DataModule.from_config(self.config)
+
     # ------------------------------------------------------------------ work
 
     def fit(self, callbacks: list[Any] | None = None, write_bundle: bool = True) -> TrainResult:
@@ -318,38 +344,44 @@ class Trainer:
             (such as ``optuna.TrialPruned``) propagate unchanged.
         write_bundle : bool
             Write the model bundle to ``output``; False writes nothing (the Tuner's
-            trials, quick experiments).
+            trials, quick experiments) and keeps no checkpoints.
 
         Returns
         -------
         TrainResult
         """
         from .. import tracking
-        from .dataset import load_inputs
 
         start = time.perf_counter()
         config = self.config
         pl.seed_everything(config.seed, workers=True, verbose=False)
-        data = load_inputs(config.inputs, config.features)
+        dm = self.datamodule()
+        dm.setup()  # every bad input is reported here, before anything is trained or written
+        n_classes = len(dm.class_names)
+        train_w = dm._weights[dm._assign == 0] if config.event_weights else None
+        weights_per_class = class_weights(
+            dm.split_labels("train"), n_classes, config.class_weights, train_w
+        )
         output = self.output
         with tracking.start_run(
             config.tracking,
             directory=output.resolve().parent,
             run_name=output.name,
-            params=_flat_params(config, data),
+            params=_flat_params(config, dm),
         ) as handle:
-            module, splits, history, best = self._train(data, handle, callbacks or [])
-            y_test, proba, w_test = self._evaluate(module, splits["test"])
-            metrics = self._metrics(data, splits, history, best, y_test, proba, w_test)
+            module, history, best, stopped_by = self._train(
+                dm, handle, callbacks or [], weights_per_class, persistent=write_bundle
+            )
+            test = self._evaluate(module, dm, "test")
+            train = self._evaluate(module, dm, "train", limit=OVERTRAINING_EVENTS)
+            metrics = self._metrics(dm, history, best, stopped_by, test, train)
             # figures only where they go somewhere: drawing them costs seconds per training
             wanted = write_bundle or handle.run_id is not None
-            figures = self._figures(data, history, y_test, proba, w_test) if wanted else {}
+            figures = self._figures(dm, history, test, train) if wanted else {}
             metrics["seconds"] = round(time.perf_counter() - start, 3)
             bundle_path = None
             if write_bundle:
-                bundle_path = self._write_bundle(
-                    module, data, splits["standardiser"], metrics, history, figures
-                )
+                bundle_path = self._write_bundle(module, dm, metrics, history, figures)
             # the per-epoch val_auc is already in the run; its best value gets a name of its own
             handle.log_metrics(
                 {
@@ -362,6 +394,8 @@ class Trainer:
             if bundle_path is not None:
                 handle.log_artifacts(bundle_path, artifact_path="bundle")
             run_id = handle.run_id
+        if write_bundle:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         result = TrainResult(
             bundle_path=bundle_path, metrics=metrics, history=history, run_id=run_id
         )
@@ -370,144 +404,210 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
+    def _resume_key(self, dm: HDF5DataModule) -> str:
+        """What must not change for a checkpoint to be resumed: the config (but how long to
+        train and where to log) and the input files' contents."""
+        neutral = self.config.model_copy(
+            update={
+                "max_epochs": 1,
+                "patience": 1,
+                "target": None,
+                "tracking": TrackingConfig(),
+                "num_workers": 0,
+                "resume": True,
+            }
+        )
+        digest = hashlib.sha256(config_hash(neutral).encode())
+        for entry in dm.provenance["inputs"]:
+            digest.update(entry["sha256"].encode())
+        return digest.hexdigest()[:16]
+
+    def _checkpoint_start(self, dm: HDF5DataModule, directory: Path) -> str | None:
+        """The checkpoint to resume from, or None; a stale checkpoint directory is cleared."""
+        state = directory / "resume.json"
+        last = directory / "last.ckpt"
+        key = self._resume_key(dm)
+        if self.config.resume and last.is_file() and state.is_file():
+            try:
+                saved = json.loads(state.read_text()).get("key")
+            except (json.JSONDecodeError, OSError):
+                saved = None
+            if saved == key:
+                log.warning("resuming the interrupted training from %s", last)
+                return str(last)
+            log.warning(
+                "%s holds checkpoints of another configuration or other inputs; starting afresh",
+                directory,
+            )
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        (directory / "resume.json").write_text(json.dumps({"key": key}) + "\n")
+        return None
+
     def _train(
-        self, data: InputData, handle: Any, callbacks: list[Any]
-    ) -> tuple[Any, dict[str, Any], dict[str, list[float]], float | None]:
+        self,
+        dm: HDF5DataModule,
+        handle: Any,
+        callbacks: list[Any],
+        weights_per_class: list[float],
+        *,
+        persistent: bool,
+    ) -> tuple[Any, dict[str, list[float]], float | None, str]:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-        from .dataset import Standardiser, split_indices
         from .module import ClassifierModule
 
         config = self.config
-        n_classes = len(data.class_names)
-        idx = split_indices(data.labels, config.val_fraction, config.test_fraction, config.seed)
-        train_idx = idx["train"]
-        standardiser = Standardiser.fit(data.X[train_idx], data.valid[train_idx], data.features)
-        rows = standardiser.transform(data.X, data.valid)
-        event_w = (
-            np.abs(data.weights) if config.event_weights else np.ones(data.n_events, np.float32)
-        )
-        if config.event_weights and not np.isfinite(event_w).all():
-            raise DataError(
-                "the /weight of some events is NaN or infinite; fix the weights or set event_weights: false."
-            )
-        weights_per_class = class_weights(
-            data.labels[train_idx],
-            n_classes,
-            config.class_weights,
-            event_w[train_idx] if config.event_weights else None,
-        )
-
-        split_tensors = {
-            key: (
-                torch.from_numpy(np.ascontiguousarray(rows[which])),
-                torch.from_numpy(data.labels[which]),
-                torch.from_numpy(np.ascontiguousarray(event_w[which], dtype=np.float32)),
-            )
-            for key, which in idx.items()
-        }
-        # the splits hold copies now; drop the full-size arrays (raw and standardised) so that
-        # training keeps one copy of the data in memory, not three
-        del rows
-        data.X = np.empty((0, data.n_inputs), dtype=np.float32)  # a copy, not a view of the old
-        data.valid = np.empty((0, data.n_inputs), dtype=bool)
-        train_loader = _loader(
-            split_tensors["train"], config.batch_size, shuffle=True, seed=config.seed
-        )
-        val_loader = _loader(
-            split_tensors["val"], config.batch_size, shuffle=False, seed=config.seed
-        )
-
         module = ClassifierModule(
             model_config=config.model.to_dict(),
-            n_inputs=data.n_inputs,
-            n_classes=n_classes,
+            n_inputs=dm.layout.n_inputs,
+            n_classes=len(dm.class_names),
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
             class_weights=weights_per_class,
+            optimizer=config.optimizer,
+            scheduler=config.scheduler,
+            layout=dm.layout.to_dict(),
         )
         history = _History()
-        with tempfile.TemporaryDirectory(prefix="cmsmlkit-train-") as tmp, _quiet():
+        on_gpu, auto_precision = _device(config.accelerator)
+        precision = auto_precision if config.precision == "auto" else config.precision
+        if precision == "32":
+            precision = "32-true"
+        mode = "max" if config.monitor == "val_auc" else "min"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_quiet())
+            if persistent and config.resume:
+                directory = self.checkpoint_dir
+                ckpt_path = self._checkpoint_start(dm, directory)
+            else:
+                directory = Path(
+                    stack.enter_context(tempfile.TemporaryDirectory(prefix="cmsmlkit-"))
+                )
+                ckpt_path = None
             checkpoint = ModelCheckpoint(
-                dirpath=tmp, filename="best", monitor="val_auc", mode="max", save_top_k=1
+                dirpath=directory,
+                filename="best",
+                monitor=config.monitor,
+                mode=mode,
+                save_top_k=1,
+                save_last=True,
+                # after _History has recorded the epoch, so a resumed history is complete
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
             )
-            early = EarlyStopping(monitor="val_auc", mode="max", patience=config.patience)
-            n_batches = max(1, math.ceil(len(train_idx) / config.batch_size))
+            early = EarlyStopping(
+                monitor=config.monitor,
+                mode=mode,
+                patience=config.patience,
+                stopping_threshold=config.target,
+                check_on_train_epoch_end=False,
+            )
+            n_batches = max(1, math.ceil(dm.n_events["train"] / config.batch_size))
             try:
                 trainer = pl.Trainer(
                     max_epochs=config.max_epochs,
                     accelerator=config.accelerator,
                     devices=1,
-                    callbacks=[early, checkpoint, history, *callbacks],
+                    precision=precision,
+                    gradient_clip_val=config.gradient_clip,
+                    gradient_clip_algorithm="norm",
+                    callbacks=[history, _EpochSeed(dm), *callbacks, early, checkpoint],
                     logger=handle.lightning_logger(),
-                    default_root_dir=tmp,
+                    default_root_dir=directory,
                     enable_progress_bar=sys.stderr.isatty(),
                     enable_model_summary=False,
-                    deterministic=True,
+                    deterministic="warn" if on_gpu else True,
                     num_sanity_val_steps=0,
                     log_every_n_steps=min(50, n_batches),
                 )
             except (MisconfigurationException, ModuleNotFoundError, ValueError) as exc:
                 raise ConfigError(
                     f"train.accelerator = {config.accelerator!r} cannot be used on this machine "
-                    f"({exc}); use 'cpu', or 'auto' to take a GPU when there is one."
+                    f"with precision {precision} ({exc}); use 'cpu', or 'auto' to take a GPU when "
+                    "there is one (train.precision: auto picks what the device supports)."
                 ) from None
-            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+            try:
+                trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            except BaseException as exc:
+                # a pruned trial is finished for good; anything else may be resumed
+                if type(exc).__name__ == "TrialPruned" and persistent:
+                    shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+                raise
             best_score = checkpoint.best_model_score
             if checkpoint.best_model_path:
                 state = torch.load(
-                    checkpoint.best_model_path, map_location="cpu", weights_only=False
+                    checkpoint.best_model_path, map_location="cpu", weights_only=True
                 )
                 module.load_state_dict(state["state_dict"])
         module = module.cpu().eval()
-        splits = {"idx": idx, "test": split_tensors["test"], "standardiser": standardiser}
         best = float(best_score) if best_score is not None else None
-        return module, splits, history.history, best
+        reason = getattr(early, "stopping_reason", None)
+        name = getattr(reason, "name", "") or ""
+        stopped_by = (
+            "target"
+            if "THRESHOLD" in name and "DIVERGENCE" not in name
+            else "patience"
+            if early.stopped_epoch
+            else "max_epochs"
+        )
+        return module, history.history, best, stopped_by
 
     @staticmethod
     def _evaluate(
-        module: Any, test: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        module: Any, dm: HDF5DataModule, split: str, limit: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x, y, w = test
+        """Labels, probabilities [N, C] and weights of ``split`` (at most ``limit`` events)."""
+        ys, ps, ws = [], [], []
+        n = 0
         with torch.no_grad():
-            proba = torch.cat(
-                [
-                    torch.softmax(module(x[i : i + _EVAL_BATCH]), dim=1)
-                    for i in range(0, len(x), _EVAL_BATCH)
-                ]
-            )
-        return y.numpy(), proba.numpy().astype(np.float64), w.numpy()
+            for x, y, w in dm.split_loader(split):
+                ps.append(module.probabilities(x).double().numpy())
+                ys.append(y.numpy())
+                ws.append(w.numpy())
+                n += len(y)
+                if limit is not None and n >= limit:
+                    break
+        return np.concatenate(ys), np.concatenate(ps), np.concatenate(ws)
 
     def _metrics(
         self,
-        data: InputData,
-        splits: dict[str, Any],
+        dm: HDF5DataModule,
         history: dict[str, list[float]],
         best: float | None,
-        y_test: np.ndarray,
-        proba: np.ndarray,
-        w_test: np.ndarray,
+        stopped_by: str,
+        test: tuple[np.ndarray, np.ndarray, np.ndarray],
+        train: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> dict[str, Any]:
         from sklearn.metrics import roc_auc_score
 
         from .module import auc_score
 
+        y_test, proba, w_test = test
+        monitored = history.get(self.config.monitor, [])
+        pick = np.argmax if self.config.monitor == "val_auc" else np.argmin
+        best_epoch = int(pick(monitored)) + 1 if monitored else 0
         val_auc = history.get("val_auc", [])
-        best_epoch = int(np.argmax(val_auc)) + 1 if val_auc else 0
         metrics: dict[str, Any] = {
             "test_auc": auc_score(y_test, proba, w_test),
-            "val_auc": best if best is not None else (max(val_auc) if val_auc else float("nan")),
+            "val_auc": (
+                best
+                if best is not None and self.config.monitor == "val_auc"
+                else (val_auc[best_epoch - 1] if val_auc and best_epoch else float("nan"))
+            ),
+            "train_auc": auc_score(train[0], train[1], train[2]),
             "test_accuracy": float(np.average(proba.argmax(axis=1) == y_test, weights=w_test)),
             "best_epoch": best_epoch,
             "epochs_trained": len(history.get("train_loss", [])),
-            "n_train": len(splits["idx"]["train"]),
-            "n_val": len(splits["idx"]["val"]),
-            "n_test": len(splits["idx"]["test"]),
-            "class_names": list(data.class_names),
+            "stopped_by": stopped_by,
+            "n_train": dm.n_events["train"],
+            "n_val": dm.n_events["val"],
+            "n_test": dm.n_events["test"],
+            "class_names": list(dm.class_names),
         }
-        if len(data.class_names) > 2:
-            for c, name in enumerate(data.class_names):
+        if len(dm.class_names) > 2:
+            for c, name in enumerate(dm.class_names):
                 is_c = y_test == c
                 metrics[f"test_auc_{name}"] = (
                     float(roc_auc_score(is_c, proba[:, c], sample_weight=w_test))
@@ -518,49 +618,62 @@ class Trainer:
 
     def _figures(
         self,
-        data: InputData,
+        dm: HDF5DataModule,
         history: dict[str, list[float]],
-        y_test: np.ndarray,
-        proba: np.ndarray,
-        w_test: np.ndarray,
+        test: tuple[np.ndarray, np.ndarray, np.ndarray],
+        train: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> dict[str, Any]:
         from .. import plots
 
-        weights = w_test if self.config.event_weights else None
-        names = data.class_names
+        y_test, proba, w_test = test
+        weighted = self.config.event_weights
+        weights = w_test if weighted else None
+        names = dm.class_names
         return {
             "roc": plots.roc_figure(y_test, proba, names, weights=weights),
             "scores": plots.score_figure(y_test, proba, names, weights=weights),
+            "overtraining": plots.overtraining_figure(
+                train[0],
+                train[1],
+                y_test,
+                proba,
+                names,
+                train_weights=train[2] if weighted else None,
+                test_weights=weights,
+            ),
             "confusion": plots.confusion_figure(y_test, proba, names),
-            "loss": plots.loss_figure(history),
+            "loss": plots.loss_figure({k: v for k, v in history.items() if k != "lr"}),
         }
 
     def _write_bundle(
         self,
         module: Any,
-        data: InputData,
-        standardiser: Any,
+        dm: HDF5DataModule,
         metrics: dict[str, Any],
         history: dict[str, list[float]],
         figures: dict[str, Any],
     ) -> Path:
         from .bundle import save_bundle
+        from .models import n_outputs
 
         config = self.config
+        n_classes = len(dm.class_names)
         info = {
             "model": {
                 **config.model.to_dict(),
-                "n_inputs": data.n_inputs,
-                "n_classes": len(data.class_names),
+                "n_inputs": dm.layout.n_inputs,
+                "n_classes": n_classes,
+                "n_outputs": n_outputs(n_classes),
             },
-            "features": [spec.to_dict() for spec in data.features],
-            "standardisation": standardiser.to_dict(),
-            "class_names": list(data.class_names),
-            "padding": data.padding,
-            "skim": data.skim_config,
-            "convert": data.convert_config,
+            "layout": dm.layout.to_dict(),
+            "features": [spec.to_dict() for spec in dm.features],
+            "standardisation": dm.standardiser.to_dict(),
+            "class_names": list(dm.class_names),
+            "padding": dm.padding,
+            "skim": dm.skim_config,
+            "convert": dm.convert_config,
             "train": config.to_dict(),
-            "provenance": data.provenance,
+            "provenance": dm.provenance,
             "metrics": metrics,
             "history": history,
         }

@@ -260,7 +260,7 @@ def test_where_unknown_field_suggests_the_close_one():
         ("x << 1", "operator LShift is not allowed"),
         ("sum", "'sum' is a function; call it, e.g. sum(GoodJet.pt): per-event sum"),
         ("sum(x, axis=0)", "sum() takes no keyword arguments"),
-        ("delta_r(a, b)", "delta_r() takes 4 argument(s), got 2"),
+        ("delta_r(a)", "delta_r() takes 2 to 4 argument(s), got 1"),
         ("Jet.pt[0]", "[0] picks event 0, not an object of every event; write [:, 0]"),
         ("Jet.pt[:, 0.5]", "inside [a, b] use whole numbers and slices"),
         ("Jet.pt[:x]", "slice bounds must be whole numbers"),
@@ -345,3 +345,133 @@ def test_expressions_are_never_evaluated_with_python_eval(monkeypatch):
 
     monkeypatch.setattr(builtins, "eval", refuse)
     assert ev("sum(Jet.pt) > 50") == [True, False, False]
+
+
+# --------------------------------------------------------------------------- physics helpers
+
+
+MUONS = ak.Array(
+    [
+        [
+            {"pt": 40.0, "eta": 0.3, "phi": 0.2, "mass": 0.1057, "charge": 1},
+            {"pt": 35.0, "eta": -0.8, "phi": 2.9, "mass": 0.1057, "charge": -1},
+            {"pt": 10.0, "eta": 1.5, "phi": -1.0, "mass": 0.1057, "charge": 1},
+        ],
+        [{"pt": 25.0, "eta": 2.0, "phi": -2.0, "mass": 0.1057, "charge": -1}],
+    ]
+)
+
+
+def p4(pt: float, eta: float, phi: float, mass: float) -> np.ndarray:
+    px, py, pz = pt * math.cos(phi), pt * math.sin(phi), pt * math.sinh(eta)
+    return np.array([math.sqrt(px**2 + py**2 + pz**2 + mass**2), px, py, pz])
+
+
+def mass_of(*vectors: np.ndarray) -> float:
+    e, px, py, pz = sum(vectors)
+    return math.sqrt(max(e**2 - px**2 - py**2 - pz**2, 0.0))
+
+
+def test_inv_mass_of_a_pair_and_of_a_collection_by_hand():
+    mu = [[p4(m["pt"], m["eta"], m["phi"], m["mass"]) for m in ev_] for ev_ in MUONS.tolist()]
+    ns = {"Mu": MUONS[:1]}
+    np.testing.assert_allclose(ev("inv_mass(Mu[:, 0], Mu[:, 1])", ns), [mass_of(*mu[0][:2])])
+    np.testing.assert_allclose(ev("inv_mass(Mu[:, :2])", ns), [mass_of(*mu[0][:2])])
+    # the whole collection, event by event; a single object has its own mass
+    np.testing.assert_allclose(
+        ev("inv_mass(Mu)", {"Mu": MUONS}), [mass_of(*mu[0]), 0.1057], rtol=1e-5
+    )
+    # a collection plus an object; a sum with a second collection
+    np.testing.assert_allclose(
+        ev("inv_mass(Mu[:, :1], Mu[:, 2])", ns), [mass_of(mu[0][0], mu[0][2])]
+    )
+
+
+def test_delta_r_of_two_objects_and_nearest_neighbour():
+    ns = {"Jet": JETS[:1], "Mu": MUONS[:1]}
+    expected = math.hypot(0.5 - 0.3, 0.1 - 0.2)
+    np.testing.assert_allclose(ev("delta_r(Jet[:, 0], Mu[:, 0])", ns), [expected])
+    # an object against a collection: one value per jet
+    np.testing.assert_allclose(
+        ev("delta_r(Mu[:, 0], Jet)", ns)[0], [expected, math.hypot(1.3, 2.8)]
+    )
+    near = ev("min_delta_r(Jet, Mu)", {"Jet": JETS, "Mu": MUONS[[0, 1, 1]]})
+    jets = JETS.tolist()
+    mus = MUONS.tolist()[0]
+    want0 = [
+        min(
+            math.hypot(
+                j["eta"] - m["eta"], (j["phi"] - m["phi"] + math.pi) % (2 * math.pi) - math.pi
+            )
+            for m in mus
+        )
+        for j in jets[0]
+    ]
+    np.testing.assert_allclose(near[0], want0)
+    assert near[1] == []
+    assert len(near[2]) == 1 and 0 < near[2][0] < 10
+    # no muon at all: every jet is infinitely far from one, so a cleaning cut keeps it
+    three = MUONS[[0, 1, 1]]
+    empty = {"Jet": JETS, "Mu": three[three.pt > 1000]}
+    assert ev("min_delta_r(Jet, Mu) > 0.4", empty) == [[True, True], [], [True]]
+
+
+def test_delta_r_argument_errors():
+    with pytest.raises(ExpressionError, match=r"delta_r\(\) takes two objects or four numbers"):
+        parse("delta_r(Jet.eta, Jet.phi, MET.phi)").evaluate(NS)
+    with pytest.raises(ExpressionError, match=r"delta_r\(\) needs objects with fields eta, phi"):
+        parse("delta_r(MET, nPV)").evaluate(NS)
+    with pytest.raises(ExpressionError, match=r"min_delta_r\(\) takes two collections"):
+        parse("min_delta_r(Jet, MET)").evaluate(NS)
+
+
+# --------------------------------------------------------------------------- escape attempts
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # dunder attributes: the classic walk to object.__subclasses__()
+        ("Jet.__class__.__mro__", "names starting with '_' are not allowed ('__mro__')"),
+        ("Jet.__dict__", "names starting with '_' are not allowed ('__dict__')"),
+        ("Jet[:, 0].__init__", "names starting with '_' are not allowed ('__init__')"),
+        ("__builtins__", "names starting with '_' are not allowed ('__builtins__')"),
+        ("(1).__class__", "names starting with '_' are not allowed ('__class__')"),
+        ("().__class__", "names starting with '_' are not allowed ('__class__')"),
+        # imports: a statement is not an expression; __import__ is a dunder
+        ("import os", "invalid syntax"),
+        ("__import__('os').system('ls')", "may be called (no methods or attribute calls)"),
+        # calls outside the whitelist
+        ("open('/etc/passwd')", "unknown function 'open'"),
+        ("eval('1 + 1')", "unknown function 'eval'"),
+        ("exec('x = 1')", "unknown function 'exec'"),
+        ("getattr(Jet, 'pt')", "unknown function 'getattr'"),
+        ("globals()", "unknown function 'globals'"),
+        ("type(Jet)", "unknown function 'type'"),
+        ("breakpoint()", "unknown function 'breakpoint'"),
+        ("compile(x, y, z)", "unknown function 'compile'"),
+        ("Jet.pt.sum()", "may be called (no methods or attribute calls)"),
+        ("num(Jet)(1)", "may be called (no methods or attribute calls)"),
+        ("(lambda: 1)()", "may be called"),
+        # huge exponents, written every which way
+        ("10**10**10", "the exponent (1e+10) is too large; at most 100 in size"),
+        ("2 ** 1000", "the exponent (1000) is too large"),
+        ("Jet.pt ** (10 ** 10)", "the exponent (1e+10) is too large"),
+        ("Jet.pt ** -101", "the exponent (-101) is too large"),
+        ("9 ** 9 ** 9 ** 9", "the exponent (too large to compute) is too large"),
+    ],
+)
+def test_escape_attempts_are_refused(text, message):
+    with pytest.raises(ExpressionError) as info:
+        parse(text, context="skim.selection.variables.x")
+    assert message in str(info.value)
+
+
+def test_exponent_from_data_is_checked_when_evaluated():
+    # the exponent is only known on the data: refused then, not computed
+    with pytest.raises(ExpressionError, match=r"the exponent 1000 is too large \(at most 100"):
+        parse("2 ** k").evaluate({"k": 1000})
+    assert parse("2 ** k").evaluate({"k": 10}) == 1024.0
+    assert ev("MET.pt ** 0.5") == pytest.approx([math.sqrt(10), math.sqrt(40), 5.0])
+    # whole numbers are powered in floating point: no giant integers, overflow is inf
+    assert parse("(10 ** 100) ** 100").evaluate({}) == math.inf

@@ -14,6 +14,7 @@ import cmsmlkit
 from cmsmlkit.config import ConvertConfig, SkimConfig
 from cmsmlkit.data import hdf5
 from cmsmlkit.data.hdf5 import HDF5Writer, columns, read_info
+from cmsmlkit.data.pad import choose_max_len
 from cmsmlkit.errors import ConfigError, DataError, InputFileError
 
 DATASETS = {
@@ -122,7 +123,7 @@ def test_file_layout_dtypes_shapes_and_values(tmp_path, skim):
     np.testing.assert_array_equal(cols["event_id"][:12, 1], [1] * 10 + [2] * 2)
     with h5py.File(path) as f:
         assert list(f["label"].attrs["class_names"]) == ["signal", "background"]
-        assert f["objects/GoodJet/pt"].compression == "lzf"
+        assert "32026" in f["objects/GoodJet/pt"]._filters  # blosc2 (hdf5plugin), the default
         assert f["objects/GoodJet/pt"].chunks == (n, max_len)
         assert f["weight"].chunks == (n,)
 
@@ -170,7 +171,7 @@ def test_root_attrs_decoded_by_read_info(tmp_path, skim):
     counts = np.concatenate([ak.to_numpy(ak.num(skim.arrays[d].GoodJet)) for d in DATASETS])
     assert info["padding"]["GoodJet"]["n_truncated"] == int(np.sum(counts > 4))
     assert info["config"]["collections"]["GoodJet"]["max_len"] == 4
-    assert info["config"]["compression"] == "lzf"  # the full config, defaults included
+    assert info["config"]["compression"] == "blosc2-lz4"  # the full config, defaults included
     assert ConvertConfig.model_validate(info["config"]).collections["GoodJet"].pad_value == -1.0
     assert info["skim_config"]["collections"] == {"GoodJet": ["pt", "eta"]}
     assert info["input_files"][:3] == [
@@ -358,7 +359,8 @@ def test_columns_with_max_lens_pads_like_the_bundle(skim):
 
 
 @pytest.mark.parametrize(
-    ("compression", "filter_name", "opts"), [("gzip", "gzip", 4), ("none", None, None)]
+    ("compression", "filter_name", "opts"),
+    [("gzip", "gzip", 4), ("none", None, None), ("lzf", "lzf", None)],
 )
 def test_compression_choices(tmp_path, skim, compression, filter_name, opts):
     path = HDF5Writer(output=str(tmp_path / "c.h5"), compression=compression).write(skim)
@@ -412,6 +414,7 @@ def test_constructor_and_repr(tmp_path):
         "HDF5Writer(output='x.h5', collections={'GoodJet': 6}, scalars=['*'], "
         "compression='gzip', shuffle=True, seed=42)"
     )
+    assert HDF5Writer(compression="blosc2-zstd").config.compression == "blosc2-zstd"
     assert repr(HDF5Writer(collections={"Muon": {}})).startswith(
         "HDF5Writer(output='data.h5', collections={'Muon': 'q0.95'}"
     )
@@ -518,3 +521,392 @@ def test_real_nanoaod_through_skimmer(tmp_path, nanoaod_dir):
     assert info["sumw"]["dy"] == pytest.approx(sumw, rel=1e-6)
     gw = ak.to_numpy(raw.genWeight)[raw_order]
     np.testing.assert_allclose(cols["weight"][order], gw * 6077.2 / sumw, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- HDF5Writer.convert
+
+
+def write_root(path: Path, process: str, n: int, seed: int, compression=None, drop=()) -> Path:
+    """A small NanoAOD-like file written by uproot (toy events), in the given compression."""
+    import uproot
+
+    from cmsmlkit.data import toy
+
+    chunk = toy.generate(process, n, seed=seed)
+    for name in drop:  # e.g. ("Muon", "pfRelIso04_all")
+        coll, fname = name
+        chunk[coll] = ak.zip({f: chunk[coll][f] for f in chunk[coll].fields if f != fname})
+    chunk = {
+        "run": np.ones(n, np.uint32),
+        "luminosityBlock": (np.arange(n) // 100 + 1).astype(np.uint32),
+        "event": np.arange(1, n + 1, dtype=np.uint64) + 10_000 * seed,
+        **chunk,
+    }
+    kwargs = {} if compression is None else {"compression": compression}
+    with uproot.recreate(path, **kwargs) as f:
+        types_ = {k: v.dtype if isinstance(v, np.ndarray) else v.type for k, v in chunk.items()}
+        tree = f.mktree("Events", types_)
+        tree.extend(chunk)
+    return path
+
+
+def reference_padding(path: Path, coll: str, field: str, max_len: int, pad_value=0.0):
+    """Leading objects by pt with awkward (the slow, obvious way)."""
+    import uproot
+
+    with uproot.open(path) as f:
+        arr = f["Events"].arrays([f"{coll}_pt", f"{coll}_{field}"])
+    order = ak.argsort(arr[f"{coll}_pt"], axis=1, ascending=False, stable=True)
+    values = arr[f"{coll}_{field}"][order][:, :max_len]
+    padded = ak.fill_none(ak.pad_none(values, max_len, clip=True), pad_value)
+    return ak.to_numpy(padded).astype(np.float32)
+
+
+@pytest.fixture
+def root_files(tmp_path):
+    return {
+        "tt": [write_root(tmp_path / "tt_0.root", "ttbar", 300, 1)],
+        "wj": [
+            write_root(tmp_path / "wj_0.root", "wjets", 200, 2),
+            write_root(tmp_path / "wj_1.root", "wjets", 150, 3),
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "codec", ["ZLIB", "LZMA", "LZ4", "ZSTD"], ids=["zlib", "lzma", "lz4", "zstd"]
+)
+def test_convert_reads_every_root_compression(tmp_path, codec):
+    import uproot
+
+    src = write_root(tmp_path / "in.root", "ttbar", 250, 7, compression=getattr(uproot, codec)(1))
+    with uproot.open(src) as f:
+        assert type(f.file.compression).__name__ == codec
+    result = HDF5Writer(
+        output=str(tmp_path / "out.h5"),
+        objects=["Jet", "Muon"],
+        collections={"Jet": {"max_len": 5, "pad_value": -1.0}},
+        step_size=64,  # several chunks
+    ).convert([str(src)])
+    assert result.outputs == [tmp_path / "out.h5"]
+    assert (result.n_events, result.converted, result.reused, result.skipped) == (250, 1, 0, {})
+    cols = read_all(tmp_path / "out.h5")
+    for field in ("pt", "eta", "jetId"):
+        np.testing.assert_array_equal(
+            cols[f"objects/Jet/{field}"], reference_padding(src, "Jet", field, 5, -1.0)
+        )
+    with uproot.open(src) as f:
+        raw = f["Events"].arrays(["nJet", "MET_pt", "event", "genWeight"], library="np")
+    np.testing.assert_array_equal(cols["objects/Jet/mask"].sum(axis=1), np.minimum(raw["nJet"], 5))
+    np.testing.assert_array_equal(cols["scalars/MET_pt"], raw["MET_pt"])
+    np.testing.assert_array_equal(cols["event_id"][:, 2], raw["event"].astype(np.int64))
+    np.testing.assert_array_equal(cols["weight"], raw["genWeight"])  # no xsec: genWeight
+    assert set(cols) == {
+        "scalars/MET_pt", "scalars/MET_phi", "label", "weight", "event_id", "dataset",
+        *(f"objects/Jet/{f}" for f in ("pt", "eta", "phi", "mass", "btagDeepFlavB", "jetId",
+                                        "hadronFlavour", "mask")),
+        *(f"objects/Muon/{f}" for f in ("pt", "eta", "phi", "mass", "charge", "tightId",
+                                         "pfRelIso04_all", "mask")),
+    }  # fmt: skip
+    info = read_info(tmp_path / "out.h5")
+    assert info["class_names"] == ["events"]
+    assert info["padding"]["Jet"]["n_truncated"] == int(np.sum(raw["nJet"] > 5))
+    assert info["features"]["Jet.pt"] == (5,) and info["features"]["MET_pt"] == ()
+    assert info["input_files"] == [str(src)]
+    assert info["cutflow"]["events"]["all"]["events"] == 250
+
+
+def test_convert_max_len_from_counter_pass_over_all_files(tmp_path, root_files):
+    import uproot
+
+    path = tmp_path / "q.h5"
+    HDF5Writer(output=str(path), objects=["Jet"], collections={"Jet": {"quantile": 0.9}}).convert(
+        {k: [str(p) for p in v] for k, v in root_files.items()}
+    )
+    counts = []
+    for files in root_files.values():
+        for p in files:
+            with uproot.open(p) as f:
+                counts.append(f["Events"]["nJet"].array(library="np"))
+    counts = np.concatenate(counts)
+    want = choose_max_len(counts, 0.9)
+    info = read_info(path)
+    assert (
+        info["padding"]["Jet"]["max_len"]
+        == want
+        == int(np.quantile(counts, 0.9, method="inverted_cdf"))
+    )
+    assert info["padding"]["Jet"]["n_truncated"] == int(np.sum(counts > want))
+    assert info["paths"]["objects/Jet/pt"] == ((650, want), "float32")
+    assert list(info["padding"]) == ["Jet"]
+
+
+def test_convert_selects_by_name_wildcard_and_all(tmp_path, root_files):
+    files = [str(root_files["tt"][0])]
+    info = read_info(
+        HDF5Writer(
+            output=str(tmp_path / "a.h5"),
+            objects=["*on"],
+            scalars=["MET_p?"],
+            collections={"Electron": {"fields": ["pt", "e*"], "max_len": 2}},
+        )
+        .convert(files)
+        .outputs[0]
+    )
+    assert list(info["padding"]) == ["Muon", "Electron"]
+    assert info["padding"]["Electron"]["fields"] == ["pt", "eta"]
+    assert sorted(n for n in info["features"] if "." not in n) == ["MET_pt"]
+    everything = read_info(
+        HDF5Writer(output=str(tmp_path / "b.h5"), objects=["all"], scalars=["all"])
+        .convert(files)
+        .outputs[0]
+    )
+    assert list(everything["padding"]) == ["Jet", "Muon", "Electron"]
+    assert sorted(n for n in everything["features"] if "." not in n) == ["MET_phi", "MET_pt"]
+    with pytest.raises(ConfigError, match="convert.objects entry 'Jets' is not in the data.*'Jet'"):
+        HDF5Writer(output=str(tmp_path / "c.h5"), objects=["Jets"]).convert(files)
+    with pytest.raises(ConfigError, match="convert.collections names 'Photon', which is not a"):
+        HDF5Writer(output=str(tmp_path / "c.h5"), collections={"Photon": {}}).convert(files)
+    with pytest.raises(ConfigError, match="cannot sort Jet by 'ptt'.*Did you mean 'pt'"):
+        HDF5Writer(output=str(tmp_path / "c.h5"), collections={"Jet": {"sort_by": "ptt"}}).convert(
+            files
+        )
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_convert_merged_and_shuffled_reproducibly(tmp_path, root_files):
+    inputs = {k: [str(p) for p in v] for k, v in root_files.items()}
+    kwargs = {"objects": ["Jet"], "collections": {"Jet": {"max_len": 4}}, "step_size": 100}
+    a = HDF5Writer(output=str(tmp_path / "a.h5"), seed=1, **kwargs).convert(inputs)
+    b = HDF5Writer(output=str(tmp_path / "b.h5"), seed=1, **kwargs).convert(inputs)
+    c = HDF5Writer(output=str(tmp_path / "c.h5"), seed=2, **kwargs).convert(inputs)
+    plain = HDF5Writer(output=str(tmp_path / "p.h5"), shuffle=False, **kwargs).convert(inputs)
+    assert a.n_events == 650 and a.outputs == [tmp_path / "a.h5"]
+    assert not (tmp_path / "a.h5.parts").exists()  # the per-input parts are removed
+    A, B, C, P = (read_all(r.outputs[0]) for r in (a, b, c, plain))
+    for key in A:
+        np.testing.assert_array_equal(A[key], B[key])
+    assert not np.array_equal(A["event_id"], C["event_id"])
+    # unshuffled: the inputs in order; shuffled: the same rows permuted together
+    np.testing.assert_array_equal(P["label"], [0] * 300 + [1] * 350)
+    np.testing.assert_array_equal(P["dataset"], [0] * 300 + [1] * 350)
+    order_a = np.lexsort((A["event_id"][:, 2], A["dataset"]))
+    for key in A:
+        np.testing.assert_array_equal(A[key][order_a], P[key])
+    # every block of 100 rows mixes both classes
+    assert all(0 < A["label"][i : i + 100].sum() < 100 for i in range(0, 600, 100))
+    info = read_info(tmp_path / "a.h5")
+    assert info["class_names"] == ["tt", "wj"]
+    assert info["input_files"] == [str(p) for v in root_files.values() for p in v]
+    assert info["cutflow"]["wj"]["all"]["events"] == 350
+    assert [d["n_events"] for d in info["datasets"]] == [300, 350]
+
+
+def test_convert_one_output_per_input_on_a_local_cluster(tmp_path, root_files):
+    from cmsmlkit.config import ClusterConfig
+
+    inputs = {k: [str(p) for p in v] for k, v in root_files.items()}
+    result = HDF5Writer(
+        output=str(tmp_path / "out.h5"),
+        merge=False,
+        objects=["Muon"],
+        cluster=ClusterConfig(workers=2),
+    ).convert(inputs)
+    assert result.outputs == [
+        tmp_path / "out" / "tt_tt_0.h5",
+        tmp_path / "out" / "wj_wj_0.h5",
+        tmp_path / "out" / "wj_wj_1.h5",
+    ]
+    assert [read_info(p)["n_events"] for p in result.outputs] == [300, 200, 150]
+    in_process = HDF5Writer(output=str(tmp_path / "seq.h5"), merge=False, objects=["Muon"])
+    for p, q in zip(result.outputs, in_process.convert(inputs).outputs, strict=True):
+        x, y = read_all(p), read_all(q)
+        assert set(x) == set(y)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    # the max_len is chosen over all inputs, so the files can be trained on together
+    assert {read_info(p)["padding"]["Muon"]["max_len"] for p in result.outputs} == {
+        read_info(result.outputs[0])["padding"]["Muon"]["max_len"]
+    }
+    assert read_all(result.outputs[2])["label"].tolist() == [1] * 150
+
+
+def test_convert_rerun_skips_finished_outputs(tmp_path, root_files):
+    inputs = {k: [str(p) for p in v] for k, v in root_files.items()}
+    writer = HDF5Writer(output=str(tmp_path / "o.h5"), merge=False, objects=["Jet"])
+    first = writer.convert(inputs)
+    assert (first.converted, first.reused) == (3, 0)
+    stamps = [p.stat().st_mtime_ns for p in first.outputs]
+    again = writer.convert(inputs)
+    assert (again.converted, again.reused, again.n_events) == (0, 3, 650)
+    assert [p.stat().st_mtime_ns for p in again.outputs] == stamps
+    # a changed input file is converted again; so are the others, whose attributes record
+    # every dataset's events and sum of weights
+    write_root(root_files["wj"][1], "wjets", 120, 9)
+    third = writer.convert(inputs)
+    assert (third.converted, third.reused, third.n_events) == (3, 0, 620)
+    assert writer.convert(inputs).reused == 3
+    # an interrupted run resumes: only the missing output is written
+    third.outputs[1].unlink()
+    resumed = writer.convert(inputs)
+    assert (resumed.converted, resumed.reused, resumed.n_events) == (1, 2, 620)
+    # a changed config converts everything again
+    fourth = HDF5Writer(writer.config, compression="gzip").convert(inputs)
+    assert (fourth.converted, fourth.reused) == (3, 0)
+    # a merged output is skipped as a whole
+    merged = HDF5Writer(output=str(tmp_path / "m.h5"), objects=["Jet"])
+    assert merged.convert(inputs).converted == 1
+    stamp = (tmp_path / "m.h5").stat().st_mtime_ns
+    assert (merged.convert(inputs).converted, merged.convert(inputs).reused) == (0, 1)
+    assert (tmp_path / "m.h5").stat().st_mtime_ns == stamp
+    assert read_info(tmp_path / "m.h5")["config_hash"]
+
+
+def test_convert_corrupt_or_truncated_input_is_named_or_skipped(tmp_path, root_files):
+    good = str(root_files["tt"][0])
+    truncated = tmp_path / "truncated.root"
+    data = Path(root_files["wj"][0]).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.root"
+    garbage.write_bytes(b"this is not ROOT" * 100)
+    for bad in (truncated, garbage):
+        with pytest.raises(InputFileError) as info:
+            HDF5Writer(output=str(tmp_path / "x.h5")).convert([good, str(bad)])
+        assert f"cannot read {bad} as a ROOT file" in str(info.value)
+        assert "convert.skip_bad_files: true" in str(info.value)
+    assert sorted(p.name for p in tmp_path.glob("x.h5*")) == []
+    result = HDF5Writer(output=str(tmp_path / "x.h5"), skip_bad_files=True).convert(
+        [good, str(truncated), str(garbage)]
+    )
+    assert result.n_events == 300
+    assert sorted(result.skipped) == sorted([str(truncated), str(garbage)])
+    assert read_info(result.outputs[0])["skipped_files"].keys() == result.skipped.keys()
+    with pytest.raises(InputFileError, match="input file .*nope.root does not exist"):
+        HDF5Writer(output=str(tmp_path / "y.h5")).convert([str(tmp_path / "nope.root")])
+    with pytest.raises(InputFileError, match="the pattern .*zz_\\*.root matches no file"):
+        HDF5Writer(output=str(tmp_path / "y.h5")).convert([str(tmp_path / "zz_*.root")])
+
+
+def test_convert_corrupt_basket_found_while_reading(tmp_path):
+    """A file whose header reads but whose data baskets are damaged: named with the entry."""
+    import uproot
+
+    src = write_root(tmp_path / "in.root", "ttbar", 400, 4)
+    with uproot.open(src) as f:
+        branch = f["Events"]["Jet_eta"]
+        start = int(branch.member("fBasketSeek")[0])
+    data = bytearray(src.read_bytes())
+    data[start + 60 : start + 400] = b"\x00" * 340  # inside the compressed basket
+    src.write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match=f"cannot read {src}:Events after entry 0"):
+        HDF5Writer(output=str(tmp_path / "o.h5"), step_size=100).convert([str(src)])
+    assert not list(tmp_path.glob("o.h5*"))
+    other = write_root(tmp_path / "ok.root", "ttbar", 50, 5)
+    result = HDF5Writer(output=str(tmp_path / "o.h5"), skip_bad_files=True).convert(
+        [str(other), str(src)]
+    )
+    assert result.n_events == 50 and list(result.skipped) == [str(src)]
+    assert read_info(tmp_path / "o.h5")["skipped_files"] == result.skipped
+
+
+def test_convert_missing_branch_names_the_file_and_branch(tmp_path):
+    from cmsmlkit.errors import MissingBranchError
+
+    a = write_root(tmp_path / "a.root", "dy", 50, 1)
+    b = write_root(tmp_path / "b.root", "dy", 50, 2, drop=[("Muon", "pfRelIso04_all")])
+    with pytest.raises(MissingBranchError) as info:
+        HDF5Writer(output=str(tmp_path / "o.h5")).convert([str(a), str(b)])
+    text = str(info.value)
+    assert f"{b}:Events has no branch 'Muon_pfRelIso04_all'" in text
+    assert "drop the branch from convert.scalars / convert.objects" in text
+    # dropping the field from the collection converts both files
+    result = HDF5Writer(
+        output=str(tmp_path / "o.h5"),
+        objects=["Muon"],
+        collections={"Muon": {"fields": ["pt", "eta"]}},
+    ).convert([str(a), str(b)])
+    assert result.n_events == 100
+
+
+def test_convert_fileset_normalises_weights_to_xsec(tmp_path, root_files):
+    import uproot
+
+    from cmsmlkit.data.source import NanoAODSource
+
+    source = NanoAODSource(
+        {
+            "datasets": {
+                "ttbar": {"files": [str(root_files["tt"][0])], "label": "signal", "xsec": 800.0},
+                "wjets": {
+                    "files": [str(p) for p in root_files["wj"]],
+                    "label": "background",
+                    "xsec": 5000.0,
+                },
+            }
+        }
+    )
+    path = tmp_path / "w.h5"
+    HDF5Writer(output=str(path), lumi=2.0, shuffle=False, objects=[]).convert(source)
+    cols, info = read_all(path), read_info(path)
+    gw = []
+    for p in [root_files["tt"][0], *root_files["wj"]]:
+        with uproot.open(p) as f:
+            gw.append(f["Events"]["genWeight"].array(library="np").astype(np.float64))
+    sum_tt, sum_wj = gw[0].sum(), gw[1].sum() + gw[2].sum()
+    np.testing.assert_allclose(cols["weight"][:300], gw[0] * 800.0 * 2.0 / sum_tt, rtol=1e-6)
+    np.testing.assert_allclose(
+        cols["weight"][300:], np.r_[gw[1], gw[2]] * 5000.0 * 2.0 / sum_wj, rtol=1e-6
+    )
+    assert info["sumw"]["wjets"] == pytest.approx(sum_wj)
+    assert info["class_names"] == ["signal", "background"]
+    assert info["datasets"][1] == {
+        "name": "wjets", "label": "background", "n_events": 350, "xsec": 5000.0, "is_mc": True,
+    }  # fmt: skip
+    assert "objects/Jet/pt" not in info["paths"]
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip", "blosc2-lz4", "blosc2-zstd"])
+def test_convert_codecs_read_back_with_plain_h5py(tmp_path, root_files, compression):
+    import subprocess
+    import sys
+
+    src = str(root_files["tt"][0])
+    path = tmp_path / f"{compression}.h5"
+    HDF5Writer(output=str(path), compression=compression, objects=["Jet"]).convert([src])
+    reference = read_all(
+        HDF5Writer(output=str(tmp_path / "ref.h5"), compression="none", objects=["Jet"])
+        .convert([src])
+        .outputs[0]
+    )
+    # a fresh interpreter with nothing but h5py + hdf5plugin reads the file
+    code = (
+        "import sys, h5py, hdf5plugin, numpy as np\n"
+        "f = h5py.File(sys.argv[1], 'r')\n"
+        "print(f['objects/Jet/pt'].chunks, float(np.asarray(f['objects/Jet/pt']).sum()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    ).stdout.split(")")
+    assert out[0] + ")" == str((32768, reference["objects/Jet/pt"].shape[1]))
+    assert float(out[1]) == pytest.approx(float(reference["objects/Jet/pt"].sum()), rel=1e-6)
+    got = read_all(path)
+    for key in reference:
+        np.testing.assert_array_equal(got[key], reference[key])
+
+
+def test_open_hdf5_and_convert_result_repr(tmp_path, root_files):
+    from cmsmlkit.data.hdf5 import ConvertResult, open_hdf5
+
+    result = HDF5Writer(output=str(tmp_path / "r.h5"), objects=["Jet"]).convert(
+        str(root_files["tt"][0])
+    )
+    assert repr(result) == (
+        f"ConvertResult(outputs=['{tmp_path / 'r.h5'}'], n_events=300, converted=1, reused=0, "
+        "skipped=0)"
+    )
+    assert isinstance(result, ConvertResult)
+    with open_hdf5(result.outputs[0]) as f:
+        assert f["label"].shape == (300,)
+        assert f.attrs["n_events"] == 300
+    with pytest.raises(ConfigError, match="nothing to convert"):
+        HDF5Writer().convert({})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 import awkward as ak
@@ -358,7 +360,12 @@ def test_output_root_files_are_readable(toy, toy_result, tmp_path):
     result = Skimmer(selection=SELECTION, collections=COLLECTIONS, output=str(out)).run(
         toy["fileset"]
     )
-    assert sorted(p.name for p in out.iterdir()) == ["bkg.root", "sig.root"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bkg.root",
+        "cutflow.json",
+        "sig.root",
+        "skim.json",
+    ]
     with uproot.open(out / "sig.root") as file:
         tree = file["Events"]
         assert tree.num_entries == len(toy_result.arrays["sig"])
@@ -629,3 +636,357 @@ def test_real_missing_branch_lists_close_matches(nanoaod_dir):
         "skim.selection.variables.m ('PuppiMET.ptt') needs the branch 'PuppiMET_ptt', which is "
         f"not in {path}. Did you mean 'PuppiMET_pt'"
     )
+
+
+# --------------------------------------------------------------------------- the selection language
+
+
+def test_dataset_cuts_and_golden_json_lumi_mask(toy, tmp_path):
+    golden = tmp_path / "golden.json"
+    golden.write_text('{"1": [[1, 2], [4, 4]]}')  # run 1: lumi blocks 1-2 and 4
+    path = str(toy["files"]["bkg"])
+    fileset = {
+        "data": {
+            "files": {path: "Events"},
+            "metadata": {
+                "label": "observed",
+                "is_mc": False,
+                "lumi_mask": str(golden),
+                "cuts": ["MET.pt > 10", "num(GoodJet) >= 2"],
+            },
+        },
+        "mc": {"files": {path: "Events"}, "metadata": {"label": "sim"}},
+    }
+    result = Skimmer(selection=SELECTION, collections=COLLECTIONS).run(fileset)
+    cols = toy["columns"]["bkg"]
+    ref = reference(cols)
+    certified = np.isin(cols["luminosityBlock"], [1, 2, 4])
+    met10 = certified & (cols["MET_pt"] > 10)
+    dataset_cut = met10 & ref["cut1"]
+    final = dataset_cut & ref["cut2"]
+    flow = result.cutflow["data"]
+    assert list(flow) == [
+        "all",
+        "lumi_mask",
+        "MET.pt > 10",
+        "num(GoodJet) >= 2 (source.datasets.data.cuts[1])",
+        "num(GoodJet) >= 2",
+        "MET.pt > 20",
+    ]
+    assert [v["events"] for v in flow.values()] == [
+        200,
+        int(certified.sum()),
+        int(met10.sum()),
+        int(dataset_cut.sum()),
+        int(dataset_cut.sum()),
+        int(final.sum()),
+    ]
+    assert flow["lumi_mask"]["sumw"] == pytest.approx(float(ref["w"][certified].sum()))
+    np.testing.assert_array_equal(ak.to_numpy(result.arrays["data"].event), cols["event"][final])
+    # the other dataset has no mask and no extra cuts
+    assert list(result.cutflow["mc"]) == ["all", "num(GoodJet) >= 2", "MET.pt > 20"]
+    assert len(result.arrays["mc"]) == int(ref["cut2"].sum())
+
+
+def test_lumi_mask_and_dataset_cut_errors(toy, tmp_path):
+    path = str(toy["files"]["bkg"])
+    skimmer = Skimmer(selection={"cuts": ["num(Jet) >= 1"], "variables": {"ht": "sum(Jet.pt)"}})
+
+    def run(**meta):
+        return skimmer.run({"data": {"files": {path: "Events"}, "metadata": meta}})
+
+    with pytest.raises(InputFileError, match=r"source.datasets.data.lumi_mask: the golden JSON .*"):
+        run(lumi_mask=str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"1": [1, 2]}')
+    with pytest.raises(InputFileError) as info:
+        run(lumi_mask=str(bad))
+    assert f"source.datasets.data.lumi_mask: {bad} is not a golden JSON" in str(info.value)
+    assert '{"315257": [[1, 88]]}' in str(info.value)
+    with pytest.raises(ExpressionError, match=r"source.datasets.data.cuts\[0\] \('ht > 5'\) uses"):
+        run(cuts=["ht > 5"])
+    with pytest.raises(MissingBranchError) as info:
+        run(cuts=["MET.ptt > 5"])
+    assert str(info.value) == (
+        "source.datasets.data.cuts[0] ('MET.ptt > 5') needs the branch 'MET_ptt', which is not "
+        f"in {path}. Did you mean 'MET_pt'?"
+    )
+
+
+def test_pair_mass_delta_r_and_jagged_any_all_in_a_skim(toy):
+    selection = {
+        "objects": {
+            "GoodMuon": {"from": "Muon", "where": "pt > 10"},
+            "CleanJet": {"from": "Jet", "where": "pt > 25 & min_delta_r(Jet, GoodMuon) > 0.4"},
+        },
+        "cuts": ["num(GoodMuon) >= 2", "any(CleanJet.pt > 30) | all(abs(Jet.eta) < 3)"],
+        "variables": {
+            "m_mumu": "inv_mass(GoodMuon[:, 0], GoodMuon[:, 1])",
+            "dr_mumu": "delta_r(GoodMuon[:, 0], GoodMuon[:, 1])",
+            "n_clean": "num(CleanJet)",
+        },
+    }
+    result = Skimmer(selection=selection, collections={"GoodMuon": ["pt"]}).run(
+        {"sig": {"files": toy["fileset"]["sig"]["files"]}}
+    )
+    cols = toy["columns"]["sig"]
+    mu = {f: jagged(cols, f"Muon_{f}") for f in ("pt", "eta", "phi", "mass")}
+    good = mu["pt"] > 10
+    two = ak.to_numpy(ak.sum(good, axis=1) >= 2)
+    arr = result.arrays["sig"]
+    assert result.cutflow["sig"]["num(GoodMuon) >= 2"]["events"] == int(two.sum())
+    expected_m, expected_dr = [], []
+    for i in np.flatnonzero(two):
+        sel = ak.to_numpy(good[i])
+        pt, eta, phi, mass = (ak.to_numpy(mu[f][i])[sel][:2].astype(float) for f in mu)
+        px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+        e = np.sqrt(px**2 + py**2 + pz**2 + mass**2)
+        expected_m.append(
+            np.sqrt(max(e.sum() ** 2 - px.sum() ** 2 - py.sum() ** 2 - pz.sum() ** 2, 0))
+        )
+        dphi = (phi[0] - phi[1] + np.pi) % (2 * np.pi) - np.pi
+        expected_dr.append(np.hypot(eta[0] - eta[1], dphi))
+    jets = {f: jagged(cols, f"Jet_{f}") for f in ("pt", "eta")}
+    passes = ak.to_numpy(ak.any(jets["pt"] > 30, axis=1) | ak.all(abs(jets["eta"]) < 3, axis=1))
+    # the jagged any/all cut keeps every event here (|eta| < 3 by construction) or not: compare
+    kept = passes[two]
+    # float32 inputs: a pair near threshold agrees to 1e-4
+    np.testing.assert_allclose(ak.to_numpy(arr.m_mumu), np.array(expected_m)[kept], rtol=1e-4)
+    np.testing.assert_allclose(ak.to_numpy(arr.dr_mumu), np.array(expected_dr)[kept], rtol=1e-5)
+    assert np.all(ak.to_numpy(arr.n_clean) <= ak.to_numpy(ak.num(jets["pt"]))[two][kept])
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_keep_and_drop_lists_with_wildcards(toy, toy_result):
+    result = Skimmer(
+        selection=SELECTION,
+        collections=COLLECTIONS,
+        keep=["MET_*"],
+        drop=["lead_*", "GoodJet_eta", "GoodMuon_*"],
+    ).run(toy["fileset"])
+    arr = result.arrays["sig"]
+    assert arr.fields == [
+        "ht",
+        "n_b",
+        "met",
+        "ht_plus_met",
+        "GoodJet",
+        "MET_pt",
+        "MET_phi",
+        "run",
+        "luminosityBlock",
+        "event",
+        "genWeight",
+    ]
+    assert arr.GoodJet.fields == ["pt", "btagDeepFlavB"]
+    sel = np.isin(toy["columns"]["sig"]["event"], ak.to_numpy(arr.event))
+    np.testing.assert_array_equal(ak.to_numpy(arr.MET_phi), toy["columns"]["sig"]["MET_phi"][sel])
+    # a dropped variable is still there for later variables: ht_plus_met used met
+    assert ak.to_list(arr.ht_plus_met) == ak.to_list(toy_result.arrays["sig"].ht_plus_met)
+
+
+def test_keep_and_drop_errors(toy):
+    path = str(toy["files"]["bkg"])
+    with pytest.raises(MissingBranchError, match=r"skim.keep\[0\]: 'MET_ptt' matches no per-event"):
+        Skimmer(keep=["MET_ptt"]).run({"b": [path]})
+    with pytest.raises(ConfigError, match=r"skim.keep\[0\] \('Jet_pt'\) names fields of the coll"):
+        Skimmer(keep=["Jet_pt"]).run({"b": [path]})
+    with pytest.raises(ConfigError, match=r"skim.drop\[0\]: 'htt' matches no output column. Did"):
+        Skimmer(selection={"variables": {"ht": "sum(Jet.pt)"}}, drop=["htt"]).run({"b": [path]})
+    with pytest.raises(ConfigError, match=r"skim.drop\[0\] names 'genWeight', which every skim"):
+        Skimmer(drop=["genWeight"])
+
+
+def test_root_output_has_label_cutflow_json_and_reads_back(toy, toy_result, tmp_path):
+    out = tmp_path / "skims"
+    result = Skimmer(selection=SELECTION, collections=COLLECTIONS, output=str(out)).run(
+        toy["fileset"]
+    )
+    with uproot.open(out / "bkg.root") as file:
+        labels = file["Events"]["label"].array(library="np")
+    assert labels.dtype == np.int32 and len(labels) == len(result.arrays["bkg"])
+    assert set(labels) == {1}  # background is the second class
+    assert SkimResult.read_cutflow(out / "cutflow.json") == result.cutflow
+    assert list(SkimResult.read_cutflow(out / "cutflow.json")["sig"]) == list(result.cutflow["sig"])
+    loaded = SkimResult.load(out)
+    assert loaded.class_names == ["signal", "background"]
+    assert loaded.metadata == result.metadata
+    for ds in ("sig", "bkg"):
+        assert loaded.arrays[ds].fields == result.arrays[ds].fields
+        assert ak.to_list(loaded.arrays[ds]) == ak.to_list(result.arrays[ds])
+    saved = result.save_cutflow(tmp_path / "elsewhere" / "flow.json")
+    assert saved.is_file() and not (tmp_path / "elsewhere" / "flow.json.tmp").exists()
+
+
+def test_rerun_of_a_finished_skim_does_no_work(toy, tmp_path, monkeypatch):
+    out = tmp_path / "skims"
+    config = {"selection": SELECTION, "collections": COLLECTIONS, "output": str(out)}
+    first = Skimmer(config).run(toy["fileset"])
+    stamp = (out / "sig.root").stat().st_mtime_ns
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the skim ran again")
+
+    monkeypatch.setattr(Skimmer, "_run_coffea", no_work)
+    again = Skimmer(config).run(toy["fileset"])
+    assert (out / "sig.root").stat().st_mtime_ns == stamp
+    assert again.cutflow == first.cutflow
+    assert ak.to_list(again.arrays["sig"]) == ak.to_list(first.arrays["sig"])
+    # another selection, or an unfinished directory, runs again
+    with pytest.raises(AssertionError, match="the skim ran again"):
+        Skimmer({**config, "chunksize": 50}).run(toy["fileset"])
+    (out / "skim.json").unlink()
+    with pytest.raises(AssertionError, match="the skim ran again"):
+        Skimmer(config).run(toy["fileset"])
+
+
+def test_cutflow_figure(toy_result, tmp_path):
+    from cmsmlkit.plots import save_figure
+
+    fig = toy_result.cutflow_figure()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(toy_result.cutflow["sig"])
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"sig", "bkg"}
+    np.testing.assert_array_equal(
+        lines["sig"].get_ydata(), [v["events"] for v in toy_result.cutflow["sig"].values()]
+    )
+    assert ax.get_yscale() == "log"
+    weighted = toy_result.cutflow_figure(weighted=True).axes[0]
+    assert weighted.get_ylabel() == "sum of genWeight"
+    paths = save_figure(fig, tmp_path, "cutflow")
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def corrupt_baskets(path: Path) -> Path:
+    """Break the zlib header of the later half of the baskets: the file opens, reading fails."""
+    with uproot.open(path) as file:
+        seeks = sorted(
+            int(s)
+            for b in file["Events"].branches
+            for s in b.member("fBasketSeek")[: b.num_baskets]
+        )
+    data = bytearray(path.read_bytes())
+    for seek in seeks[len(seeks) // 2 :]:
+        key_length = int.from_bytes(data[seek + 14 : seek + 16], "big")  # TKey fKeylen
+        start = seek + key_length + 9  # after ROOT's 9-byte compression header
+        data[start : start + 2] = b"\x55\x55"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("broken")
+    return corrupt_baskets(write_nano(d / "broken.root", make_events(240, 9)))
+
+
+def test_unreadable_chunk_is_retried_then_stops_the_run_with_a_report(toy, broken_file):
+    with pytest.raises(InputFileError) as info:
+        Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=80).run(
+            {"bkg": [str(toy["files"]["bkg"]), str(broken_file)]}
+        )
+    text = str(info.value)
+    assert text.startswith(f"cannot read {broken_file} (dataset 'bkg', entries ")
+    assert "failed 3 time(s): error: Error -3 while decompressing data" in text
+    assert text.endswith("set skim.skip_bad_files: true to skip unreadable files with a report.")
+
+
+def test_unreadable_file_is_skipped_with_a_report(toy, toy_result, broken_file, caplog):
+    with caplog.at_level(logging.WARNING, logger="cmsmlkit.data.skim"):
+        result = Skimmer(
+            selection=SELECTION,
+            collections=COLLECTIONS,
+            chunksize=80,
+            skip_bad_files=True,
+            retries=0,
+        ).run({"bkg": [str(broken_file), str(toy["files"]["bkg"])]})
+    assert list(result.skipped) == ["bkg"]
+    assert list(result.skipped["bkg"]) == [str(broken_file)]
+    assert "Error -3 while decompressing data" in result.skipped["bkg"][str(broken_file)]
+    assert result.metadata["bkg"]["skipped_files"] == [str(broken_file)]
+    # nothing of the broken file is left: not its readable chunks, not their cutflow
+    assert result.cutflow["bkg"] == toy_result.cutflow["bkg"]
+    assert ak.to_list(result.arrays["bkg"]) == ak.to_list(toy_result.arrays["bkg"])
+    assert result.skipped_report().startswith(f"skipped {broken_file} (dataset 'bkg'): ")
+    assert "failed 1 time(s)" in caplog.text
+
+
+def test_a_transient_read_error_is_retried(toy, toy_result, tmp_path):
+    marker = tmp_path / "failed_once"
+
+    def flaky(events):
+        # fails the first attempt at every chunk, as a dropped network connection would
+        key = f"{events.metadata['filename']}:{events.metadata['entrystart']}".replace("/", "_")
+        if not (marker / key).exists():
+            (marker / key).mkdir(parents=True)
+            raise OSError("XRootD: [ERROR] Socket timeout")
+        return events
+
+    result = Skimmer(selection=SELECTION, collections=COLLECTIONS, function=flaky, retries=1).run(
+        toy["fileset"]
+    )
+    assert len(list(marker.iterdir())) == 3  # every chunk failed once, then worked
+    for ds in ("sig", "bkg"):
+        assert ak.to_list(result.arrays[ds]) == ak.to_list(toy_result.arrays[ds])
+
+
+def test_progress_bar_counts_chunks(toy, monkeypatch, capsys):
+    monkeypatch.setenv("CMSMLKIT_PROGRESS", "1")
+    Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=50).run(toy["fileset"])
+    err = capsys.readouterr().err
+    # 180 + 120 + 200 events in chunks of about 50 (coffea balances the sizes in a file)
+    done = re.findall(r"skim: 100%\|\S+\| (\d+)/(\d+) \[", err)
+    assert done and all(a == b for a, b in done) and 9 <= int(done[-1][0]) <= 12
+    assert "chunk/s" in err
+    monkeypatch.setenv("CMSMLKIT_PROGRESS", "0")
+    Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=50).run(toy["fileset"])
+    assert "skim" not in capsys.readouterr().err
+
+
+def test_progress_bar_is_tqdm_auto(toy, monkeypatch):
+    import tqdm.auto
+
+    from cmsmlkit.data import skim
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(skim, "tqdm", Recorder)
+    monkeypatch.setenv("CMSMLKIT_PROGRESS", "1")
+    Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=100).run(toy["fileset"])
+    assert [(b.total, b.n, b.unit, b.desc) for b in bars] == [(5, 5, "chunk", "skim")]
+    assert issubclass(Recorder, tqdm.auto.tqdm)
+
+
+@pytest.mark.slow
+def test_chunks_of_a_killed_worker_are_rerun(toy, toy_result, tmp_path):
+    marker = tmp_path / "killed"
+
+    def kill_once(events):
+        # the first chunk to get here kills its worker process; dask runs it again elsewhere
+        try:
+            marker.mkdir()
+        except FileExistsError:
+            return events
+        os._exit(1)
+
+    result = Skimmer(
+        selection=SELECTION,
+        collections=COLLECTIONS,
+        chunksize=64,
+        function=kill_once,
+        cluster={"workers": 2},
+    ).run(toy["fileset"])
+    assert marker.is_dir()
+    for ds in ("sig", "bkg"):
+        assert ak.to_list(result.arrays[ds]) == ak.to_list(toy_result.arrays[ds])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import stat
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cmsmlkit.config import SourceConfig
-from cmsmlkit.data.source import NanoAODSource, is_das_dataset
+from cmsmlkit.data.source import NanoAODSource, check_proxy, is_das_dataset
 from cmsmlkit.errors import ConfigError, InputFileError, MissingDependencyError
 
 DAS_NAME = "/TTToSemiLeptonic_TuneCP5_13TeV-powheg-pythia8/RunIISummer20UL18NanoAODv9-106X_v16-v1/NANOAODSIM"
@@ -230,20 +231,64 @@ def test_das_name_needs_dasgoclient(tmp_path, monkeypatch):
     assert f"'{DAS_NAME}' is a DAS dataset name" in text
     assert "`dasgoclient`, which is not on PATH" in text
     assert "`cmsenv`" in text and "LXPLUS" in text
-    assert "`voms-proxy-init -voms cms`" in text
+    assert "`voms-proxy-init -voms cms -rfc -valid 192:00`" in text
 
 
-def fake_dasgoclient(directory: Path, script: str) -> None:
-    exe = directory / "dasgoclient"
+# DAS and VOMS cannot run here (no network, no CMS credentials): the DAS tests put a
+# fake `dasgoclient` (and, where said, a fake `voms-proxy-info`) script on PATH.
+
+
+def fake_dasgoclient(directory: Path, script: str, name: str = "dasgoclient") -> None:
+    exe = directory / name
     exe.write_text("#!/bin/sh\n" + script)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
 
 
-def test_das_lookup_with_dasgoclient(tmp_path, monkeypatch):
+def write_proxy(path: Path, hours_left: float) -> Path:
+    """A proxy-like PEM file: a self-signed certificate valid until now + hours_left, and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jdoe proxy")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=10))
+        .not_valid_after(now + datetime.timedelta(hours=hours_left))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def proxy(tmp_path, monkeypatch) -> Path:
+    """A valid (unexpired) GRID proxy file named by X509_USER_PROXY."""
+    path = write_proxy(tmp_path / "x509up_u1000", hours_left=100)
+    monkeypatch.setenv("X509_USER_PROXY", str(path))
+    return path
+
+
+def test_das_lookup_with_dasgoclient(tmp_path, monkeypatch, proxy):
     calls = tmp_path / "calls.txt"
     fake_dasgoclient(
         tmp_path,
         f'echo "$@" >> {calls}\n'
+        f'echo "proxy=$X509_USER_PROXY" >> {calls}\n'
         "echo /store/mc/RunIISummer20UL18NanoAODv9/TT/NANOAODSIM/v1/2/B.root\n"
         "echo /store/mc/RunIISummer20UL18NanoAODv9/TT/NANOAODSIM/v1/1/A.root\n",
     )
@@ -254,17 +299,17 @@ def test_das_lookup_with_dasgoclient(tmp_path, monkeypatch):
         "root://cms-xrd-global.cern.ch//store/mc/RunIISummer20UL18NanoAODv9/TT/NANOAODSIM/v1/1/A.root": "Events"
     }
     src.fileset()  # answered from the cache: dasgoclient ran once
-    assert calls.read_text() == f"-query file dataset={DAS_NAME}\n"
+    assert calls.read_text() == f"-query file dataset={DAS_NAME}\nproxy={proxy}\n"
 
 
-def test_das_failure_says_how_to_fix_it(tmp_path, monkeypatch):
+def test_das_failure_says_how_to_fix_it(tmp_path, monkeypatch, proxy):
     fake_dasgoclient(tmp_path, "echo 'Error: no valid proxy found' >&2\nexit 1\n")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(InputFileError) as info:
         source([DAS_NAME]).fileset()
     text = str(info.value)
     assert "failed (exit 1): Error: no valid proxy found." in text
-    assert "`voms-proxy-init -voms cms`" in text
+    assert "`voms-proxy-init -voms cms -rfc -valid 192:00`" in text
     fake_dasgoclient(tmp_path, "exit 0\n")
     with pytest.raises(InputFileError, match=f"DAS knows no files of '{DAS_NAME}'"):
         source([DAS_NAME]).fileset()
@@ -305,3 +350,149 @@ def test_check_names_a_missing_tree_and_a_broken_file(nanoaod_dir, tmp_path):
     (broken,) = touch(tmp_path, "broken.root")
     with pytest.raises(InputFileError, match=r"dataset 'ds': cannot read .*broken.root: "):
         source([broken]).check()
+
+
+# --------------------------------------------------------------------------- GRID proxy
+
+
+def test_missing_proxy_says_the_command_that_makes_one(tmp_path, monkeypatch):
+    calls = tmp_path / "calls.txt"
+    fake_dasgoclient(tmp_path, f"echo called >> {calls}\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("X509_USER_PROXY", str(tmp_path / "x509up_u1000"))
+    with pytest.raises(InputFileError) as info:
+        source([DAS_NAME]).fileset()
+    assert str(info.value) == (
+        f"no GRID proxy at {tmp_path / 'x509up_u1000'} (X509_USER_PROXY); reading CMS data needs "
+        "one. Create it with `voms-proxy-init -voms cms -rfc -valid 192:00` (and `export "
+        "X509_USER_PROXY=...` if you keep it elsewhere, e.g. on AFS for batch jobs)."
+    )
+    assert not calls.exists()  # DAS is not asked without a proxy
+    # without X509_USER_PROXY the default location /tmp/x509up_u<uid> is looked at
+    monkeypatch.delenv("X509_USER_PROXY")
+    default = Path(f"/tmp/x509up_u{os.getuid()}")
+    if not default.exists():
+        with pytest.raises(InputFileError, match=f"no GRID proxy at {default} .the default"):
+            check_proxy()
+
+
+def test_expired_proxy_is_refused_and_its_content_never_shown(tmp_path, monkeypatch):
+    path = write_proxy(tmp_path / "proxy.pem", hours_left=-1)
+    fake_dasgoclient(tmp_path, "echo /store/a.root\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("X509_USER_PROXY", str(path))
+    with pytest.raises(InputFileError) as info:
+        source([DAS_NAME]).fileset()
+    assert str(info.value) == (
+        f"the GRID proxy at {path} has expired. Renew it with "
+        "`voms-proxy-init -voms cms -rfc -valid 192:00`."
+    )
+    assert "BEGIN" not in str(info.value)
+    # a valid one passes, and the lookup goes on
+    write_proxy(path, hours_left=1)
+    assert check_proxy() == path
+    assert source([DAS_NAME]).files("ds") == ["root://cms-xrd-global.cern.ch//store/a.root"]
+
+
+def test_voms_proxy_info_is_asked_first_when_installed(tmp_path, monkeypatch):
+    # the certificate says valid, the (fake) voms-proxy-info says 0 s left: it wins
+    path = write_proxy(tmp_path / "proxy.pem", hours_left=100)
+    calls = tmp_path / "voms.txt"
+    fake_dasgoclient(tmp_path, f'echo "$@" > {calls}\necho 0\n', name="voms-proxy-info")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(InputFileError, match="has expired"):
+        check_proxy(path)
+    assert calls.read_text() == f"--file {path} --timeleft\n"
+    fake_dasgoclient(tmp_path, "echo 3600\n", name="voms-proxy-info")
+    assert check_proxy(path) == path
+
+
+def test_proxy_without_a_certificate_only_needs_to_exist(tmp_path):
+    path = tmp_path / "proxy"
+    path.write_text("not a PEM file")
+    assert check_proxy(path) == path
+
+
+# --------------------------------------------------------------------------- per-dataset options
+
+
+def test_dataset_cuts_and_lumi_mask_go_into_the_metadata(tmp_path, monkeypatch):
+    (data,) = touch(tmp_path, "data.root")
+    monkeypatch.chdir(tmp_path)
+    src = NanoAODSource(
+        datasets={
+            "data": {
+                "files": [data],
+                "label": "observed",
+                "is_mc": False,
+                "cuts": ["HLT_IsoMu24"],
+                "lumi_mask": "golden.json",
+            }
+        }
+    )
+    assert src.metadata("data") == {
+        "dataset": "data",
+        "label": "observed",
+        "is_mc": False,
+        "xsec": None,
+        "cuts": ["HLT_IsoMu24"],
+        "lumi_mask": str(tmp_path / "golden.json"),
+    }
+    with pytest.raises(ConfigError, match="lumi_mask is set but the dataset is simulation"):
+        source([data], lumi_mask="golden.json")
+    with pytest.raises(ConfigError, match=r"metadata sets 'cuts', which the source fills itself"):
+        source([data], metadata={"cuts": []})
+
+
+# --------------------------------------------------------------------------- nevents, open_events
+
+
+def test_nevents_reads_entry_counts_only(nanoaod_dir, monkeypatch):
+    import uproot
+
+    src = NanoAODSource(
+        datasets={
+            "dy": {"files": [str(nanoaod_dir / "nano_dy*.root")], "label": "background"},
+            "tt": {"files": [str(nanoaod_dir / "nano_tt_v12.root")], "label": "signal"},
+        }
+    )
+
+    def no_event_data(*args, **kwargs):
+        raise AssertionError("event data was read")
+
+    monkeypatch.setattr(uproot.TBranch, "array", no_event_data)
+    monkeypatch.setattr(uproot.TTree, "arrays", no_event_data)
+    assert src.nevents("dy") == {
+        "dy": {str(nanoaod_dir / "nano_dy.root"): 40, str(nanoaod_dir / "nano_dy_empty.root"): 0}
+    }
+    assert src.nevents() == {
+        **src.nevents("dy"),
+        "tt": {str(nanoaod_dir / "nano_tt_v12.root"): 200},
+    }
+    with pytest.raises(ConfigError, match="no dataset 'ty' in the source"):
+        src.nevents("ty")
+
+
+def test_open_events_gives_nanoevents_of_one_file(nanoaod_dir):
+    import awkward as ak
+    import uproot
+
+    src = NanoAODSource(
+        datasets={
+            "tt": {"files": [str(nanoaod_dir / "nano_tt_v12.root")], "label": "signal"},
+            "dy": {"files": [str(nanoaod_dir / "nano_dy*.root")], "label": "background"},
+        }
+    )
+    events = src.open_events()
+    assert len(events) == 200
+    assert events.metadata["dataset"] == "tt"
+    with uproot.open(nanoaod_dir / "nano_tt_v12.root") as file:
+        pt = file["Events"]["Muon_pt"].array()
+    assert ak.to_list(events.Muon.pt) == ak.to_list(pt)
+    # coffea's vector behaviour: a pair of muons has a mass
+    two = events[ak.num(events.Muon) >= 2]
+    assert ak.all((two.Muon[:, 0] + two.Muon[:, 1]).mass >= 0)
+    assert len(src.open_events("dy", file=1)) == 0
+    assert len(src.open_events("dy", entry_stop=10)) == 10
+    with pytest.raises(ConfigError, match=r"dataset 'dy' has 2 file\(s\); file=2 is out of range"):
+        src.open_events("dy", file=2)

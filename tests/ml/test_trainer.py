@@ -37,6 +37,8 @@ METRIC_KEYS = {
     "n_test",
     "class_names",
     "seconds",
+    "train_auc",
+    "stopped_by",
 }
 
 
@@ -116,7 +118,9 @@ def test_binary_training_separates_and_writes_a_bundle(binary_file, tmp_path):
     assert m["class_names"] == ["signal", "background"]
     assert m["epochs_trained"] == 3 and 1 <= m["best_epoch"] <= 3
     assert m["val_auc"] == pytest.approx(max(result.history["val_auc"]))
-    assert [len(v) for v in result.history.values()] == [3, 3, 3]
+    assert {k: len(v) for k, v in result.history.items()} == dict.fromkeys(
+        ["train_loss", "val_loss", "val_auc", "lr"], 3
+    )
     assert result.history["train_loss"][-1] < result.history["train_loss"][0]
     assert result.bundle_path == tmp_path / "model"
     assert (
@@ -137,6 +141,7 @@ def test_binary_training_separates_and_writes_a_bundle(binary_file, tmp_path):
     assert sorted(p.name for p in (result.bundle_path / "figures").glob("*.png")) == [
         "confusion.png",
         "loss.png",
+        "overtraining.png",
         "roc.png",
         "scores.png",
     ]
@@ -295,6 +300,7 @@ def test_module_hyperparameters_and_forward():
     assert module.hparams.n_inputs == 5 and module.hparams.learning_rate == 0.01
     assert module.hparams.model_config == {"hidden": [8, 4], "activation": "tanh"}
     assert module(torch.zeros(7, 5)).shape == (7, 3)
+    assert module.probabilities(torch.zeros(7, 5)).sum(dim=1).tolist() == pytest.approx([1.0] * 7)
     optimiser = module.configure_optimizers()
     assert isinstance(optimiser, torch.optim.AdamW) and optimiser.defaults["lr"] == 0.01
     with pytest.raises(ConfigError, match="class_weights has 1 entries for 3 classes"):
@@ -303,16 +309,63 @@ def test_module_hyperparameters_and_forward():
 
 def test_module_loss_is_the_weighted_mean_of_event_losses():
     torch.manual_seed(0)
+    # binary: one logit and binary cross entropy
     module = ClassifierModule(
         {"hidden": [4], "dropout": 0.0}, n_inputs=2, n_classes=2, class_weights=[1.0, 3.0]
     )
     x = torch.randn(4, 2)
     y = torch.tensor([0, 1, 1, 0])
     w = torch.tensor([1.0, 2.0, 0.5, 1.0])
-    per_event = torch.nn.functional.cross_entropy(module(x), y, reduction="none")
+    logits = module(x)
+    assert logits.shape == (4, 1)
+    per_event = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:, 0], y.float(), reduction="none"
+    )
     total = torch.tensor([1.0, 6.0, 1.5, 1.0])  # class weight x event weight
     expected = (total * per_event).sum() / total.sum()
-    assert module._loss(module(x), y, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert module._loss(logits, y, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    proba = module.probabilities(x)
+    assert torch.allclose(proba[:, 1], torch.sigmoid(logits[:, 0]))
+    assert torch.allclose(proba.sum(dim=1), torch.ones(4))
+    # three classes: one logit per class and cross entropy
+    module3 = ClassifierModule({"hidden": [4]}, n_inputs=2, n_classes=3, class_weights=[1, 2, 3])
+    y3 = torch.tensor([0, 1, 2, 2])
+    logits3 = module3(x)
+    per_event3 = torch.nn.functional.cross_entropy(logits3, y3, reduction="none")
+    total3 = torch.tensor([1.0, 4.0, 1.5, 3.0])
+    expected3 = (total3 * per_event3).sum() / total3.sum()
+    assert module3._loss(logits3, y3, w).item() == pytest.approx(expected3.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "opt_class", "sched_class"),
+    [
+        ("adam", "cosine", torch.optim.Adam, torch.optim.lr_scheduler.CosineAnnealingLR),
+        ("sgd", "plateau", torch.optim.SGD, torch.optim.lr_scheduler.ReduceLROnPlateau),
+        ("adamw", "onecycle", torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR),
+    ],
+)
+def test_module_optimisers_and_schedules(optimizer, scheduler, opt_class, sched_class):
+    from types import SimpleNamespace
+
+    module = ClassifierModule(
+        {"hidden": [4]}, n_inputs=3, n_classes=2, optimizer=optimizer, scheduler=scheduler
+    )
+    # what configure_optimizers reads of the Lightning trainer
+    module._trainer = SimpleNamespace(max_epochs=7, estimated_stepping_batches=70)
+    out = module.configure_optimizers()
+    assert isinstance(out["optimizer"], opt_class)
+    sched = out["lr_scheduler"]["scheduler"]
+    assert isinstance(sched, sched_class)
+    if scheduler == "cosine":
+        assert sched.T_max == 7 and out["lr_scheduler"]["interval"] == "epoch"
+    if scheduler == "onecycle":
+        assert sched.total_steps == 70 and out["lr_scheduler"]["interval"] == "step"
+    if scheduler == "plateau":
+        assert out["lr_scheduler"]["monitor"] == "val_loss"
+        assert out["optimizer"].defaults["momentum"] == 0.9
+    with pytest.raises(ConfigError, match="train.scheduler must be one of"):
+        ClassifierModule({}, n_inputs=3, n_classes=2, scheduler="step")
 
 
 def test_auc_score_binary_and_multiclass():

@@ -1,0 +1,165 @@
+"""Skim benchmark: cmsmlkit's Skimmer against plain uproot, and 1 against 2 local workers.
+
+Run ``python benchmarks/skim.py [--events N]``. A toy ttbar NanoAOD file of
+``N`` events (1M by default) is written once and cached (``--data-dir``, by
+default ``$TMPDIR/cmsmlkit-bench``). In one run it prints events/s of
+
+* plain uproot reading exactly the branches the Skimmer reads (recorded from
+  the Skimmer itself), in chunks of the same size (the baseline);
+* the Skimmer with the demo selection (``cmsmlkit/resources/demo.yaml``) in
+  this process (``ClusterConfig(workers=1)``), and their ratio (aim >= 0.5);
+* the Skimmer on the 2-worker LocalCluster of ``ClusterConfig(workers=2)``,
+  warm (started, and its workers through one small skim, before the clock
+  starts), and its ratio to one worker (aim >= 1.6); then the same cold, as
+  one ``Skimmer.run`` that starts and stops its cluster (what a single
+  ``cmsml skim`` of this file sees: process start-up and imports included).
+
+Each figure is the best of ``--repeat`` runs. ``--profile`` also prints where
+the Skimmer spends its time (cProfile, in process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("CMSMLKIT_PROGRESS", "0")  # no progress bar in the figures
+
+
+def make_file(data_dir: Path, n_events: int) -> Path:
+    from cmsmlkit.data import toy
+
+    path = data_dir / f"ttbar_{n_events}.root"
+    if not path.exists():
+        start = time.perf_counter()
+        toy.write_nanoaod(path, "ttbar", n_events, seed=1)
+        print(f"wrote {path} ({n_events:,} events) in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def branches_read(skim, path: Path) -> list[str]:
+    """The branches the Skimmer reads, recorded from uproot while it skims 1000 events."""
+    import uproot
+
+    from cmsmlkit import Skimmer
+    from cmsmlkit.data import toy
+
+    small = path.with_name("ttbar_1000.root")
+    if not small.exists():
+        toy.write_nanoaod(small, "ttbar", 1000, seed=1)
+    seen: set[str] = set()
+    original = uproot.behaviors.TBranch.TBranch.array
+
+    def recording(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.add(self.name)
+        return original(self, *args, **kwargs)
+
+    uproot.behaviors.TBranch.TBranch.array = recording
+    try:
+        Skimmer(skim).run({"ttbar": {"files": {str(small): "Events"}}})
+    finally:
+        uproot.behaviors.TBranch.TBranch.array = original
+    return sorted(seen)
+
+
+def run_uproot(path: Path, branches: list[str], chunksize: int) -> int:
+    import uproot
+
+    n = 0
+    for chunk in uproot.iterate({str(path): "Events"}, branches, step_size=chunksize, library="ak"):
+        n += len(chunk)
+    return n
+
+
+def run_skimmer(skim, path: Path, cluster) -> int:  # type: ignore[no-untyped-def]
+    from cmsmlkit import Skimmer
+
+    result = Skimmer(skim, cluster=cluster).run({"ttbar": {"files": {str(path): "Events"}}})
+    return result.cutflow["ttbar"]["all"]["events"]
+
+
+def best_rate(label: str, repeat: int, n_events: int, work) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        done = work()
+        times.append(time.perf_counter() - start)
+        if done != n_events:
+            sys.exit(f"{label}: processed {done} events, expected {n_events}")
+    rate = n_events / min(times)
+    print(f"{label:<42} {rate:>12,.0f} events/s   (best of {repeat}: {min(times):.2f} s)")
+    return rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events in the toy file")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per figure (best is kept)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "cmsmlkit-bench",
+        help="where the generated file is cached",
+    )
+    parser.add_argument("--profile", action="store_true", help="profile the in-process Skimmer")
+    args = parser.parse_args(argv)
+
+    from cmsmlkit.config import SkimConfig
+
+    demo = resources.files("cmsmlkit") / "resources" / "demo.yaml"
+    with resources.as_file(demo) as demo_path:
+        skim = SkimConfig.from_yaml(demo_path, section="skim")
+    path = make_file(args.data_dir, args.events)
+    branches = branches_read(skim, path)
+    print(f"file: {path}, {args.events:,} events, chunksize {skim.chunksize:,}")
+    print(f"branches the Skimmer reads ({len(branches)}): {' '.join(branches)}")
+    print(f"CPUs: {os.cpu_count()}")
+
+    from cmsmlkit.cluster import dask_client
+    from cmsmlkit.config import ClusterConfig
+
+    n = args.events
+    base = best_rate(
+        "uproot.iterate (same branches and chunks)",
+        args.repeat,
+        n,
+        lambda: run_uproot(path, branches, skim.chunksize),
+    )
+    one = best_rate(
+        "Skimmer, 1 worker (in-process)", args.repeat, n, lambda: run_skimmer(skim, path, None)
+    )
+    with dask_client(ClusterConfig(workers=2)) as client:
+        warm = ClusterConfig(type="address", address=client.scheduler.address)
+        run_skimmer(skim, path.with_name("ttbar_1000.root"), warm)  # imports on the workers
+        two = best_rate(
+            "Skimmer, 2 local workers (warm)", args.repeat, n, lambda: run_skimmer(skim, path, warm)
+        )
+    cold = best_rate(
+        "Skimmer, 2 local workers (cold: start-up in)",
+        1,
+        n,
+        lambda: run_skimmer(skim, path, ClusterConfig(workers=2)),
+    )
+    print(f"Skimmer / uproot:             {one / base:.2f}   (aim >= 0.5)")
+    print(f"2 workers / 1 worker (warm):  {two / one:.2f}   (aim >= 1.6)")
+    print(f"2 workers / 1 worker (cold):  {cold / one:.2f}")
+
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        run_skimmer(skim, path, None)
+        profile.disable()
+        stats = pstats.Stats(profile).sort_stats("cumulative")
+        stats.print_stats(35)
+        stats.sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
