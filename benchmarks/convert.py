@@ -97,6 +97,7 @@ if mode == "floor":
     extra = {"branches": len(branches)}
 else:
     import os
+    import awkward, hdf5plugin, uproot, cmsmlkit.cluster  # imported before the clock, as above
     from cmsmlkit.data.hdf5 import HDF5Writer
     kwargs = {} if compression == "default" else {"compression": compression}
     writer = HDF5Writer(output=out, **kwargs)

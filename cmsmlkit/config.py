@@ -663,6 +663,11 @@ class TuneConfig(BaseConfig):
         "heartbeats (its worker died) is marked failed and retried",
     )
     retries: int = Field(2, ge=0, description="times a trial of a dead worker is retried")
+    figures: bool = Field(
+        True,
+        description="draw the study's figures (history, parameter importances, parallel "
+        "coordinates, per-epoch curves) in <output>/figures",
+    )
 
     @field_validator("space", mode="before")
     @classmethod

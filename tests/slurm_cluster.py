@@ -15,7 +15,7 @@ no ``os.setns``, and entering with ``setns`` from the pytest process would move
 only one thread and leave dask's event-loop threads behind, so the test body
 runs as a script in a subprocess started with ``nsenter --net=...``::
 
-    from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+    pytest_plugins = ["slurm_cluster"]  # in the test module: makes the fixture available
 
     @pytest.mark.slurm
     @pytest.mark.slow

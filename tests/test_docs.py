@@ -7,6 +7,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -189,8 +190,9 @@ def test_python_examples_run(tmp_path):
     for page in RUNNABLE_PAGES:
         blocks = python_blocks(page)
         assert blocks, page
-        script = tmp_path / (Path(page).stem + ".py")
+        script = tmp_path / f"page_{Path(page).stem}.py"  # not mlflow.py: that shadows mlflow
         script.write_text("\n\n".join(blocks))
+        start = time.monotonic()
         proc = subprocess.run(
             [sys.executable, str(script)],
             cwd=tmp_path,
@@ -200,5 +202,6 @@ def test_python_examples_run(tmp_path):
             env={"MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
         )
         assert proc.returncode == 0, f"{page}:\n{proc.stderr[-3000:]}"
+        print(f"{page}: {time.monotonic() - start:.1f} s")
     assert (tmp_path / "demo" / "model" / "bundle.json").is_file()
     assert sorted(p.name for p in (tmp_path / "demo" / "predictions").glob("*.h5")) == ["new.h5"]

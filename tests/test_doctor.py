@@ -265,3 +265,12 @@ def test_proxy_content_never_printed(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert _row(out, "GRID proxy") == ["GRID proxy", "OK", f"{proxy}: 1d 23h left"]
     assert "PRIVATE KEY" not in out and key_pem.decode().splitlines()[1] not in out
+
+
+def test_help_explains_doctor(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["doctor", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: cmsml doctor" in out and "--offline" in out and "--redirector" in out
+    assert "proxy" in out and "dasgoclient" in out

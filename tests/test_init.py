@@ -163,3 +163,11 @@ def test_starter_converts_real_files(tmp_path):
         assert {"ht", "n_jets", "met"} <= set(f["scalars"])
         assert (f["scalars/n_jets"][:] >= 2).all()
         assert set(f["label"][:]) == {0, 1}
+
+
+def test_help_explains_init(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["init", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: cmsml init" in out and "NAME=LABEL:FILES" in out and "--force" in out

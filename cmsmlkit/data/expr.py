@@ -637,9 +637,9 @@ class Expression:
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, ns)
             result = None
-            for op, right_node in zip(node.ops, node.comparators, strict=True):
+            for cmp, right_node in zip(node.ops, node.comparators, strict=True):
                 right = self._eval(right_node, ns)
-                part = self._apply(_CMPOPS[type(op)], node, left, right)
+                part = self._apply(_CMPOPS[type(cmp)], node, left, right)
                 result = (
                     part if result is None else self._apply(_BINOPS[ast.BitAnd], node, result, part)
                 )
@@ -742,7 +742,7 @@ def _static_number(node: ast.AST) -> float | None:
     Folded in floating point, so that checking ``10**10**10`` costs nothing;
     an exponent beyond :data:`MAX_EXPONENT` folds to inf.
     """
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
         return float(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         value = _static_number(node.operand)

@@ -1417,6 +1417,7 @@ def _convert_file(task: dict[str, Any]) -> dict[str, Any]:
                     for coll, k in trunc.items():
                         truncated[coll] += k
                     first += n
+                    del chunk, cols  # free this chunk while the next one is read
             finally:
                 appender.close()
             attrs = dict(task["attrs"])

@@ -138,10 +138,17 @@ class SkimResult:
         return sum(len(a) for a in self.arrays.values())
 
     def _rows(self) -> tuple[list[str], list[str]]:
+        """Datasets, and the steps of all of them merged (a dataset's own step after its predecessor)."""
         datasets = list(self.cutflow)
         steps: list[str] = []
         for flow in self.cutflow.values():
-            steps.extend(s for s in flow if s not in steps)
+            at = 0
+            for step in flow:
+                if step in steps:
+                    at = steps.index(step) + 1
+                else:
+                    steps.insert(at, step)
+                    at += 1
         return datasets, steps
 
     def _cell(self, dataset: str, steps: list[str], i: int) -> str:
@@ -149,9 +156,11 @@ class SkimResult:
         if steps[i] not in flow:
             return "-"
         n = flow[steps[i]]["events"]
-        if i == 0:
+        own = list(flow)
+        at = own.index(steps[i])
+        if at == 0:
             return f"{n}"
-        prev = flow.get(steps[i - 1], {}).get("events", 0)
+        prev = flow[own[at - 1]]["events"]  # efficiency against this dataset's previous step
         eff = f" ({100.0 * n / prev:.1f}%)" if prev else ""
         return f"{n}{eff}"
 
@@ -351,8 +360,8 @@ class _Plan:
         collections = {c: tuple(f) for c, f in config.collections.items()}
         if not collections:
             collections = {o.name: ("*",) for o in objects}
-        for key, patterns in (("keep", config.keep), ("drop", config.drop)):
-            for i, pattern in enumerate(patterns):
+        for key, names in (("keep", config.keep), ("drop", config.drop)):
+            for i, pattern in enumerate(names):
                 if not pattern.strip():
                     raise ConfigError(f"skim.{key}[{i}] is empty; remove it or give a name.")
         for i, pattern in enumerate(config.drop):
@@ -775,6 +784,14 @@ def _bar(total: int, enabled: bool) -> Any:
 
 
 @dataclass
+class _QuietExecutor(processor.IterativeExecutor):  # type: ignore[misc]
+    """coffea's in-process executor without its bar (for reading the files' entry counts)."""
+
+    def __call__(self, items: Iterable[Any], function: Callable[..., Any], accumulator: Any) -> Any:
+        return processor.accumulate(map(function, items), accumulator), 0
+
+
+@dataclass
 class _LocalExecutor(processor.IterativeExecutor):  # type: ignore[misc]
     """coffea's in-process executor with per-chunk attempts and a tqdm progress bar."""
 
@@ -1096,7 +1113,7 @@ class Skimmer:
 
     def _state_key(self, fileset: dict[str, dict[str, Any]]) -> str:
         """What makes a finished skim reusable: the configuration and the inputs as they are now."""
-        inputs = {}
+        inputs: dict[str, list[int] | None] = {}
         for entry in fileset.values():
             for path in entry["files"]:
                 try:
@@ -1195,7 +1212,7 @@ class Skimmer:
         with dask_client(self.cluster) as client:
             if client is None:
                 executor: Any = _LocalExecutor(status=status, retries=0, attempts=attempts)
-                pre: Any = processor.IterativeExecutor(status=False, retries=0)
+                pre: Any = _QuietExecutor(status=False, retries=0)
             else:
                 executor = _ClusterExecutor(
                     client=client, status=status, retries=0, attempts=attempts

@@ -679,10 +679,7 @@ class Predictor:
         """Score an awkward array of skimmed events (one record per event)."""
         import awkward as ak
 
-        from ..data.hdf5 import columns
-
         n = len(events)
-        padding = self.bundle.padding or {}
         features = self.bundle.features
         fields = set(ak.fields(events))
         missing = []
@@ -704,26 +701,7 @@ class Predictor:
         if n == 0:
             scores = np.zeros((0, len(self.class_names)), np.float32)
         else:
-            collections = sorted({f.collection for f in features if f.collection})
-            convert = ConvertConfig(
-                collections={
-                    coll: {
-                        k: padding[coll][k]
-                        for k in ("max_len", "sort_by", "pad_value", "fields")
-                        if k in padding.get(coll, {})
-                    }
-                    for coll in collections
-                },
-                # Only the scalars the model reads: a NaN in an unused variable must not stop scoring.
-                scalars=[f.name for f in features if f.collection is None],
-            )
-            only = events[[f.name for f in features if f.collection is None] + collections]
-            cols, _ = columns(
-                only,
-                convert,
-                max_lens={c: int(padding[c]["max_len"]) for c in collections if c in padding},
-            )
-            scores = self.scorer(cols, source)
+            scores = self.scorer(self.columns(events), source)
         if set(_EVENT_ID) <= fields:
             ids = {k: ak.to_numpy(events[k]) for k in _EVENT_ID}
         else:
@@ -742,6 +720,38 @@ class Predictor:
             weight=weight,
             sumw=float(weight.sum()),
         )
+
+    def columns(self, events: Any) -> dict[str, np.ndarray]:
+        """The model's input Columns of skimmed events: the bundle's scalars, padded collections.
+
+        >>> cols = predictor.columns(skim.arrays["ttbar"])  # doctest: +SKIP
+        >>> cols["objects/GoodJet/pt"].shape  # doctest: +SKIP
+        (4213, 5)
+        """
+        from ..data.hdf5 import columns
+
+        padding = self.bundle.padding or {}
+        features = self.bundle.features
+        collections = sorted({f.collection for f in features if f.collection})
+        convert = ConvertConfig(
+            collections={
+                coll: {
+                    k: padding[coll][k]
+                    for k in ("max_len", "sort_by", "pad_value", "fields")
+                    if k in padding.get(coll, {})
+                }
+                for coll in collections
+            },
+            # Only the scalars the model reads: a NaN in an unused variable must not stop scoring.
+            scalars=[f.name for f in features if f.collection is None],
+        )
+        only = events[[f.name for f in features if f.collection is None] + collections]
+        cols, _ = columns(
+            only,
+            convert,
+            max_lens={c: int(padding[c]["max_len"]) for c in collections if c in padding},
+        )
+        return cols
 
     # ------------------------------------------------------------------ files
 
@@ -1405,9 +1415,15 @@ def _select_events(predictor: Predictor, events: Any) -> Any:
         for coll, spec in predictor.bundle.padding.items()
         if coll in used
     }
+    # Until the Skimmer offers its per-chunk selection publicly, call the function its
+    # processor calls, in whichever form this version of skim.py has.
+    plan = skimmer._plan
+    what: Any = keep
+    if hasattr(skim, "_Layout"):
+        what = skim._Layout(collections=keep, variables=tuple(n for n, _ in plan.variables))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"coffea\.nanoevents")
-        records, _ = skim._select(events, skimmer._plan, keep, None)
+        records, _ = skim._select(events, plan, what, None)
     return records
 
 

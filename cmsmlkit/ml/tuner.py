@@ -326,13 +326,29 @@ class Tuner:
     def _build_space(self) -> list[_Param]:
         c = self.config
         if c.space is None:
+            lo, hi = c.depth
+            if not 1 <= lo <= hi:
+                raise ConfigError(
+                    f"tune.depth must be [min, max] with 1 <= min <= max, got {c.depth}."
+                )
+            for key in ("width", "learning_rate"):
+                lo, hi = getattr(c, key)
+                if not 0 < lo <= hi:
+                    raise ConfigError(
+                        f"tune.{key} must be [min, max] with 0 < min <= max, got [{lo}, {hi}]."
+                    )
             space = {
                 name: spec
                 for name, spec in _default_space(c).items()
                 if name in PSEUDO_PARAMS or _path_exists(name)
             }
         else:
-            legacy = sorted({"depth", "width", "learning_rate"} & c.model_fields_set)
+            legacy = [
+                key
+                for key in ("depth", "width", "learning_rate")
+                if getattr(c, key)
+                != TuneConfig.model_fields[key].get_default(call_default_factory=True)
+            ]
             if legacy:
                 raise ConfigError(
                     f"tune.{legacy[0]} sets a range of the default search space, which is not "
@@ -739,7 +755,7 @@ class Tuner:
             for t in all_trials
         ]
         counts = {state: sum(t.state == state for t in all_trials) for state in TrialState}
-        figure_paths = self._draw_figures(study, run)
+        figure_paths = self._draw_figures(study, run) if self.config.figures else []
         summary = {
             "study_name": self.config.study_name,
             "storage": mask_uri(url),

@@ -199,3 +199,44 @@ def test_padded_is_a_dataclass():
         values={"pt": np.zeros((2, 3), np.float32)}, mask=np.zeros((2, 3), bool), n_truncated=0
     )
     assert (p.n_events, p.max_len) == (2, 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_max_len_from_histogram_equals_quantile_of_counts(seed):
+    from cmsmlkit.data.pad import max_len_from_histogram
+
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(4, 500)
+    for q in (0.1, 0.5, 0.9, 0.95, 0.999, 1.0):
+        want = max(1, int(np.quantile(counts, q, method="inverted_cdf")))
+        assert max_len_from_histogram(np.bincount(counts), q) == want == choose_max_len(counts, q)
+    # histograms of two files add up to the histogram of both
+    a, b = counts[:200], counts[200:]
+    h = np.zeros(counts.max() + 1, dtype=np.int64)
+    h[: a.max() + 1] += np.bincount(a)
+    h[: b.max() + 1] += np.bincount(b)
+    assert max_len_from_histogram(h, 0.9) == choose_max_len(counts, 0.9)
+    assert max_len_from_histogram(np.zeros(0), 0.9) == 1
+    with pytest.raises(ConfigError, match="quantile must be in \\(0, 1\\]"):
+        max_len_from_histogram(h, 0.0)
+
+
+def test_pad_of_already_sorted_objects_skips_the_sort_with_the_same_result(monkeypatch):
+    from cmsmlkit.data import pad as pad_module
+
+    counts = np.array([3, 2, 0, 2])
+    values = {"pt": np.array([50.0, 40.0, 40.0, 30.0, 10.0, 7.0, 7.0]), "i": np.arange(7.0)}
+    calls = []
+    real = pad_module._descending_within_events
+    monkeypatch.setattr(
+        pad_module, "_descending_within_events", lambda *a: calls.append(1) or real(*a)
+    )
+    got = pad(counts, values, 2)
+    assert calls == []  # NanoAOD order (by pt) is kept as it is
+    assert got.values["i"].tolist() == [[0.0, 1.0], [3.0, 4.0], [0.0, 0.0], [5.0, 6.0]]
+    values["pt"][4] = 99.0  # now the second event is out of order
+    got = pad(counts, values, 2)
+    assert calls == [1]
+    assert got.values["i"].tolist() == [[0.0, 1.0], [4.0, 3.0], [0.0, 0.0], [5.0, 6.0]]
+    values["pt"][0] = np.nan  # NaN sorts last: the sort runs
+    assert pad(counts, values, 3).values["i"][0].tolist() == [1.0, 2.0, 0.0]

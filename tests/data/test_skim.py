@@ -685,6 +685,12 @@ def test_dataset_cuts_and_golden_json_lumi_mask(toy, tmp_path):
     np.testing.assert_array_equal(ak.to_numpy(result.arrays["data"].event), cols["event"][final])
     # the other dataset has no mask and no extra cuts
     assert list(result.cutflow["mc"]) == ["all", "num(GoodJet) >= 2", "MET.pt > 20"]
+    # the table merges both: a dataset's own steps sit where they happen, '-' elsewhere
+    rows = [line.split("  ")[0] for line in result.cutflow_table().splitlines()[1:]]
+    assert rows == list(flow)
+    n_mc = int(ref["cut1"].sum())
+    mc_cells = [line.split()[-2:] for line in result.cutflow_table().splitlines()[1:]]
+    assert mc_cells[1][-1] == "-" and mc_cells[4] == [str(n_mc), f"({100 * n_mc / 200:.1f}%)"]
     assert len(result.arrays["mc"]) == int(ref["cut2"].sum())
 
 

@@ -97,7 +97,7 @@ def saved(tmp_path_factory, trained) -> Path:
 
 def copy_bundle(source: Path, target: Path) -> Path:
     target.mkdir()
-    for name in ("bundle.json", "model.pt", "model.onnx"):
+    for name in ("bundle.json", "model.pt", "model.onnx", "model.ts"):
         (target / name).write_bytes((source / name).read_bytes())
     return target
 
@@ -120,6 +120,7 @@ def test_bundle_holds_every_file(saved):
         "metrics.json",
         "model.onnx",
         "model.pt",
+        "model.ts",
     ]
     assert not saved.with_name("model.tmp").exists()
     assert (saved / "figures" / "loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -150,13 +151,14 @@ def test_bundle_json_records_everything(saved, trained):
     ):
         assert key in info
     assert info["format_version"] == FORMAT_VERSION == 1
-    assert info["model"] == {**config.to_dict(), "n_inputs": 5, "n_classes": 2}
+    # a binary classifier has one logit
+    assert info["model"] == {**config.to_dict(), "n_inputs": 5, "n_classes": 2, "n_outputs": 1}
     assert info["standardisation"]["mean"] == pytest.approx(standardiser.mean.tolist())
     assert info["versions"]["cmsmlkit"] == cmsmlkit.__version__
     assert info["versions"]["torch"] == torch.__version__
     assert set(info["versions"]) >= {"cmsmlkit", "torch", "python", "lightning"}
     assert info["created"].endswith("+00:00")
-    for name in ("model.pt", "model.onnx"):
+    for name in ("model.pt", "model.onnx", "model.ts"):
         assert info["files"][name] == hashlib.sha256((saved / name).read_bytes()).hexdigest()
     # strict JSON: NaN becomes null, in bundle.json and metrics.json alike
     assert info["metrics"]["odd"] is None
@@ -216,7 +218,8 @@ def test_predict_proba_equals_a_manual_torch_computation(saved, trained, columns
     Z = np.where(valid, (X - mean) / std, 0.0).astype(np.float32)
     net.eval()
     with torch.no_grad():
-        expected = torch.softmax(net(torch.from_numpy(Z)), dim=1).numpy()
+        p1 = torch.sigmoid(net(torch.from_numpy(Z))).numpy()[:, 0]
+    expected = np.column_stack([1.0 - p1, p1])
 
     bundle = Bundle.load(saved)
     proba = bundle.predict_proba(columns)
@@ -224,8 +227,8 @@ def test_predict_proba_equals_a_manual_torch_computation(saved, trained, columns
     assert proba.shape == (N_EVENTS, 2)
     np.testing.assert_allclose(proba, expected, atol=1e-6)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
-    # batching does not change anything
-    np.testing.assert_array_equal(bundle.predict_proba(columns, batch_size=7), proba)
+    # batching does not change anything (beyond float32 rounding of a matrix product)
+    np.testing.assert_allclose(bundle.predict_proba(columns, batch_size=7), proba, atol=1e-6)
 
 
 def test_predict_proba_of_zero_events(saved, columns):
@@ -262,7 +265,8 @@ def test_onnx_equals_torch(saved, trained, batch):
     (got,) = session.run(None, {"features": x})
     net.eval()
     with torch.no_grad():
-        expected = torch.softmax(net(torch.from_numpy(x)), dim=1).numpy()
+        p1 = torch.sigmoid(net(torch.from_numpy(x))).numpy()[:, 0]
+    expected = np.column_stack([1.0 - p1, p1])
     assert got.shape == (batch, 2)
     assert np.max(np.abs(got - expected)) <= 1e-5
 
@@ -410,3 +414,88 @@ def test_save_needs_the_network_shape(tmp_path, trained):
     with pytest.raises(BundleError, match=r"info\['model'\] must hold 'n_inputs' and 'n_classes'"):
         save_bundle(tmp_path / "model", model=net, info=info)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+
+def test_torchscript_equals_torch_and_loads_without_cmsmlkit(saved, trained, columns):
+    net, _, _ = trained
+    bundle = Bundle.load(saved)
+    assert bundle.torchscript_path == saved / "model.ts"
+    scripted = torch.jit.load(str(bundle.torchscript_path))
+    rows = bundle.rows(columns)
+    assert rows.shape == (N_EVENTS, N_INPUTS) and rows.dtype == np.float32
+    with torch.no_grad():
+        got = scripted(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(got, bundle.predict_proba(columns), atol=1e-6)
+
+
+def test_torchscript_in_coffea_torch_wrapper(saved, columns):
+    """coffea's own torch_wrapper (no test double) runs the exported model on awkward arrays."""
+    ak = pytest.importorskip("awkward")
+    ml_tools = pytest.importorskip("coffea.ml_tools.torch_wrapper")
+    bundle = Bundle.load(saved)
+
+    class Scores(ml_tools.torch_wrapper):
+        def prepare_awkward(self, events):
+            cols = {
+                "scalars/ht": ak.to_numpy(events.ht),
+                "scalars/met": ak.to_numpy(events.met),
+                "objects/Jet/pt": ak.to_numpy(events.jet_pt),
+                "objects/Jet/mask": ak.to_numpy(events.jet_mask),
+            }
+            return (ak.Array(bundle.rows(cols)),), {}
+
+    events = ak.zip(
+        {
+            "ht": columns["scalars/ht"],
+            "met": columns["scalars/met"],
+            "jet_pt": columns["objects/Jet/pt"],
+            "jet_mask": columns["objects/Jet/mask"],
+        },
+        depth_limit=1,
+    )
+    scores = np.asarray(Scores(str(bundle.torchscript_path))(events))
+    assert scores.shape == (N_EVENTS, 2)
+    np.testing.assert_allclose(scores, bundle.predict_proba(columns), atol=1e-6)
+
+
+def test_legacy_two_logit_bundle_still_predicts(tmp_path, trained, columns):
+    """Bundles written before the one-logit binary head hold an MLP with two logits."""
+    from cmsmlkit.ml.models import MLP
+
+    _, standardiser, _ = trained
+    torch.manual_seed(5)
+    config = ModelConfig(hidden=[8], dropout=0.0)
+    old = MLP(N_INPUTS, 2, [8], 0.0, "relu")
+    path = save_bundle(tmp_path / "old", model=old, info=make_info(standardiser, config))
+    assert json.loads((path / "bundle.json").read_text())["model"]["n_outputs"] == 2
+    bundle = Bundle.load(path)
+    rows = torch.from_numpy(bundle.rows(columns))
+    with torch.no_grad():
+        expected = torch.softmax(old.eval()(rows), dim=1).numpy()
+    np.testing.assert_allclose(bundle.predict_proba(columns), expected, atol=1e-6)
+
+
+def test_deepsets_bundle_with_masks_in_the_rows(tmp_path, columns):
+    from cmsmlkit.ml.dataset import InputLayout
+
+    layout = InputLayout(FEATURES, with_masks=True)
+    X, valid = feature_matrix(columns, FEATURES)
+    standardiser = Standardiser.fit(X, valid, FEATURES)
+    config = ModelConfig(type="deepsets", hidden=[8], object_hidden=[8], dropout=0.0)
+    torch.manual_seed(2)
+    net = build_model(config, layout.n_inputs, 2, layout)
+    info = make_info(standardiser, config)
+    info["model"]["n_inputs"] = layout.n_inputs
+    info["layout"] = layout.to_dict()
+    path = save_bundle(tmp_path / "ds", model=net, info=info)
+    bundle = Bundle.load(path)
+    rows = bundle.rows(columns)
+    assert rows.shape == (N_EVENTS, N_INPUTS + L_JETS)
+    # the last L columns are the jet mask
+    np.testing.assert_array_equal(rows[:, -L_JETS:], columns["objects/Jet/mask"].astype(np.float32))
+    session = onnxruntime.InferenceSession(str(path / "model.onnx"))
+    (got,) = session.run(None, {"features": rows})
+    assert np.abs(got - bundle.predict_proba(columns)).max() <= 1e-5

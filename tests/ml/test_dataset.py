@@ -9,11 +9,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from cmsmlkit.errors import ConfigError, DataError, InputFileError
 from cmsmlkit.ml.dataset import (
     FeatureSpec,
+    HDF5DataModule,
     InputData,
+    InputLayout,
     Standardiser,
     available_features,
     check_finite,
@@ -51,16 +54,30 @@ def write_h5(
     *,
     seed: int = 0,
     columns: dict[str, np.ndarray] | None = None,
+    chunk_rows: int | None = None,
+    filters: dict | None = None,
 ) -> Path:
-    """A file in the HDF5 contract of DESIGN.md, as HDF5Writer writes it."""
+    """A file in the HDF5 contract of DESIGN.md, as HDF5Writer writes it.
+
+    ``chunk_rows`` chunks every dataset by rows (as HDF5Writer does); ``filters`` are
+    h5py compression arguments (e.g. hdf5plugin.Blosc2()).
+    """
     labels = np.asarray(labels, dtype=np.int64)
     cols = toy_columns(labels, seed) if columns is None else columns
     n = len(labels)
+
+    def create(f, key, data):
+        kwargs = {}
+        if chunk_rows and n:
+            kwargs["chunks"] = (min(chunk_rows, n), *np.shape(data)[1:])
+            kwargs.update(filters or {})
+        return f.create_dataset(key, data=data, **kwargs)
+
     with h5py.File(path, "w") as f:
         for key, array in cols.items():
-            f.create_dataset(key, data=array)
-        f.create_dataset("label", data=labels).attrs["class_names"] = json.dumps(class_names)
-        f.create_dataset("weight", data=np.full(n, 0.5, dtype=np.float32))
+            create(f, key, array)
+        create(f, "label", labels).attrs["class_names"] = json.dumps(class_names)
+        create(f, "weight", np.full(n, 0.5, dtype=np.float32))
         f.create_dataset(
             "event_id", data=np.stack([np.ones(n), np.ones(n), np.arange(n)], 1).astype(np.int64)
         )
@@ -293,3 +310,183 @@ def test_load_inputs_feature_missing_in_second_file(tmp_path):
     with pytest.raises(DataError) as err:
         load_inputs([a, b], ["ht", "met"])
     assert str(err.value).startswith(f"{b} has no feature 'met' (scalars/met) although {a} has it")
+
+
+# --------------------------------------------------------------------------- the DataModule
+
+
+def indexed_file(path: Path, n: int = 1000, chunk_rows: int = 64, **kwargs) -> Path:
+    """The toy problem plus a scalar 'idx' = event number, chunked by ``chunk_rows`` rows."""
+    labels = np.random.default_rng(5).integers(0, 2, n)
+    cols = toy_columns(labels, seed=6)
+    cols["scalars/idx"] = np.arange(n, dtype=np.float32)
+    return write_h5(path, labels, ["s", "b"], columns=cols, chunk_rows=chunk_rows, **kwargs)
+
+
+def served(dm: HDF5DataModule, loader) -> tuple[np.ndarray, list[int]]:
+    """Event numbers of every batch of ``loader`` (undoing the standardisation of 'idx')."""
+    col = dm.layout.offsets()["idx"]
+    mean, std = dm.standardiser.mean[0], dm.standardiser.std[0]
+    events, sizes = [], []
+    for x, y, w in loader:
+        assert x.dtype == torch.float32 and y.dtype == torch.int64 and w.dtype == torch.float32
+        events.append(np.rint(x[:, col].double().numpy() * std + mean).astype(int))
+        sizes.append(len(y))
+    return np.concatenate(events), sizes
+
+
+def test_datamodule_blocks_serve_what_memory_serves(tmp_path):
+    path = indexed_file(tmp_path / "idx.h5")
+    kwargs = {"features": ["idx", "ht", "Jet.*"], "batch_size": 32, "seed": 3}
+    memory = HDF5DataModule([path], loader="memory", **kwargs)
+    blocks = HDF5DataModule([path], loader="blocks", block_buffer=2, **kwargs)
+    memory.setup()
+    blocks.setup()
+    assert (memory.mode, blocks.mode) == ("memory", "blocks")
+    assert memory.n_events == blocks.n_events == {"train": 600, "val": 200, "test": 200}
+    assert repr(blocks) == (
+        "HDF5DataModule(blocks, 1000 events: train 600, val 200, test 200, 2 classes, 10 inputs)"
+    )
+    # the standardisation of the streaming pass is the in-memory one, training split only
+    np.testing.assert_allclose(blocks.standardiser.mean, memory.standardiser.mean, rtol=1e-6)
+    np.testing.assert_allclose(blocks.standardiser.std, memory.standardiser.std, rtol=1e-5)
+    train_idx = np.flatnonzero(blocks._assign == 0)
+    assert memory.standardiser.mean[0] == pytest.approx(train_idx.mean())
+
+    blocks.set_epoch(0)
+    first, sizes = served(blocks, blocks.train_dataloader())
+    assert sorted(first.tolist()) == train_idx.tolist()  # every training event once
+    assert sizes[:-1] == [32] * (len(sizes) - 1) and len(sizes) == len(blocks.train_dataloader())
+    # the first batch comes from a buffer of 2 blocks of 64 rows
+    assert len(np.unique(first[:32] // 64)) <= 2
+    again, _ = served(blocks, blocks.train_dataloader())
+    blocks.set_epoch(1)
+    other, _ = served(blocks, blocks.train_dataloader())
+    assert again.tolist() == first.tolist()  # the same epoch, the same order
+    assert other.tolist() != first.tolist() and sorted(other) == sorted(first)
+    # validation: file order, the same events as in memory
+    val_blocks, _ = served(blocks, blocks.val_dataloader())
+    val_memory, _ = served(memory, memory.val_dataloader())
+    assert (
+        val_blocks.tolist() == val_memory.tolist() == np.flatnonzero(blocks._assign == 1).tolist()
+    )
+    # memory mode shuffles by epoch too
+    memory.set_epoch(0)
+    m0, _ = served(memory, memory.train_dataloader())
+    assert sorted(m0.tolist()) == train_idx.tolist()
+    assert served(memory, memory.train_dataloader())[0].tolist() == m0.tolist()
+
+
+@pytest.mark.slow
+def test_datamodule_blocks_with_two_workers(tmp_path):
+    path = indexed_file(tmp_path / "idx.h5")
+    dm = HDF5DataModule(
+        [path], ["idx", "met"], loader="blocks", num_workers=2, batch_size=50, seed=1
+    )
+    dm.setup()
+    loader = dm.train_dataloader()
+    events, sizes = served(dm, loader)
+    assert sorted(events.tolist()) == np.flatnonzero(dm._assign == 0).tolist()
+    assert len(sizes) == len(loader)
+
+
+def test_datamodule_reads_blosc2_compressed_files(tmp_path):
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    filters = dict(hdf5plugin.Blosc2(cname="zstd", clevel=5))
+    path = indexed_file(tmp_path / "blosc.h5", n=300, chunk_rows=50, filters=filters)
+    with h5py.File(path, "r") as f:
+        # Blosc2's registered HDF5 filter id: a plugin filter, not one h5py knows by name
+        assert str(hdf5plugin.BLOSC2_ID) in f["scalars/ht"]._filters
+    dm = HDF5DataModule([path], ["idx"], loader="blocks", batch_size=64)
+    dm.setup()
+    events, _ = served(dm, dm.split_loader("test"))
+    assert events.tolist() == np.flatnonzero(dm._assign == 2).tolist()
+
+
+def test_datamodule_split_by_file(tmp_path):
+    files = {}
+    for name, seed in (("train", 1), ("val", 2), ("test", 3)):
+        labels = np.random.default_rng(seed).integers(0, 2, 100 * seed)
+        files[name] = write_h5(tmp_path / f"{name}.h5", labels, ["s", "b"], seed=seed)
+    dm = HDF5DataModule(
+        [files["train"]], ["ht"], val_inputs=[files["val"]], test_inputs=[files["test"]]
+    )
+    dm.setup()
+    assert dm.n_events == {"train": 100, "val": 200, "test": 300}
+    with h5py.File(files["train"]) as f:
+        assert dm.standardiser.mean[0] == pytest.approx(float(f["scalars/ht"][:].mean()), rel=1e-6)
+    assert [e["n_events"] for e in dm.provenance["inputs"]] == [100, 200, 300]
+    with pytest.raises(ConfigError, match="needs both train.val_inputs and train.test_inputs"):
+        HDF5DataModule([files["train"]], val_inputs=[files["val"]])
+
+
+def test_datamodule_nan_is_an_error_or_replaced(tmp_path):
+    labels = np.repeat([0, 1], 100)
+    cols = toy_columns(labels)
+    cols["scalars/met"][[3, 50, 77]] = [np.nan, np.inf, -np.inf]
+    cols["objects/Jet/pt"][5, 0] = np.nan
+    cols["objects/Jet/mask"][5, 0] = True
+    cols["objects/Jet/pt"][6, 3] = np.nan  # a padded slot: not a problem
+    cols["objects/Jet/mask"][6, 3] = False
+    path = write_h5(tmp_path / "nan.h5", labels, ["s", "b"], columns=cols, chunk_rows=40)
+    for loader in ("memory", "blocks"):
+        with pytest.raises(DataError, match=r"'met' in 3 events, 'Jet.pt' in 1 events"):
+            HDF5DataModule([path], loader=loader).setup()
+    dm = HDF5DataModule([path], ["met"], loader="blocks", nan_value=-1.0, batch_size=1000)
+    dm.setup()
+    finite = np.delete(cols["scalars/met"], [3, 50, 77])
+    train = dm._assign == 0
+    met = np.where(np.isfinite(cols["scalars/met"]), cols["scalars/met"], -1.0)[train]
+    assert dm.standardiser.mean[0] == pytest.approx(met.mean(), rel=1e-5)
+    assert np.isfinite(finite).all()
+    x, _, _ = next(iter(dm.split_loader("train")))
+    assert torch.isfinite(x).all()
+
+
+def test_datamodule_bad_inputs(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 2, 60)
+    good = write_h5(tmp_path / "good.h5", labels, ["s", "b"])
+    empty = write_h5(tmp_path / "empty.h5", np.zeros(0, int), ["s", "b"])
+    with pytest.raises(
+        DataError, match=r"the test split is empty \(.*empty.h5 give it no events\)"
+    ):
+        HDF5DataModule([good], val_inputs=[good], test_inputs=[empty]).setup()
+    single = write_h5(tmp_path / "single.h5", np.zeros(50, int), ["s", "b"])
+    with pytest.raises(DataError, match=r"all 50 events of the training split of .* are class 's'"):
+        HDF5DataModule([single], val_inputs=[good], test_inputs=[good]).setup()
+    with h5py.File(tmp_path / "nolabel.h5", "w") as f:
+        f.attrs["cmsmlkit_version"] = "0.1.0"
+        f["scalars/ht"] = np.ones(3, np.float32)
+        f["weight"] = np.ones(3, np.float32)
+        f["event_id"] = np.zeros((3, 3), np.int64)
+    with pytest.raises(InputFileError, match=r"nolabel.h5: the dataset '/label' is missing"):
+        HDF5DataModule([tmp_path / "nolabel.h5"]).setup()
+    with pytest.raises(ConfigError, match=r"'Jet.phi' matches no feature .* Did you mean 'Jet.pt'"):
+        HDF5DataModule([good], ["ht", "Jet.phi"]).setup()
+    with pytest.raises(ConfigError, match="train.loader must be auto, memory or blocks"):
+        HDF5DataModule([good], loader="disk")
+
+
+def test_datamodule_auto_loader_follows_the_memory_limit(tmp_path):
+    path = indexed_file(tmp_path / "idx.h5", n=200)
+    small = HDF5DataModule([path], memory_limit_gb=1.0)
+    tiny = HDF5DataModule([path], memory_limit_gb=1e-6)  # 1 kB: the rows do not fit
+    small.setup()
+    tiny.setup()
+    assert (small.mode, tiny.mode) == ("memory", "blocks")
+
+
+def test_layout_rows_append_masks(tmp_path):
+    labels = np.repeat([0, 1], 10)
+    cols = toy_columns(labels)
+    feats = resolve_features(["ht", "Jet.pt"], cols)
+    X, valid = feature_matrix(cols, feats)
+    std = Standardiser.fit(X, valid, feats)
+    plain = InputLayout(feats).rows(X, valid, std)
+    with_masks = InputLayout(feats, with_masks=True).rows(X, valid, std)
+    assert plain.shape == (20, 1 + MAX_LEN) and with_masks.shape == (20, 1 + 2 * MAX_LEN)
+    np.testing.assert_array_equal(with_masks[:, : 1 + MAX_LEN], plain)
+    np.testing.assert_array_equal(with_masks[:, 1 + MAX_LEN :], cols["objects/Jet/mask"])
+    assert repr(InputLayout(feats, with_masks=True)) == (
+        "InputLayout(2 features, 9 inputs, masks of ['Jet'])"
+    )

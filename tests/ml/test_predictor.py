@@ -145,30 +145,53 @@ def test_friend_tree_has_one_entry_per_input_event(demo_chain, tmp_path):
     assert len(joined) == 1500
 
 
+def _skimmed_real_nanoaod(source, target):
+    """A skimmed copy of a real NanoAOD file, as nanoAOD-tools would keep it: fewer branches.
+
+    (uproot's writer takes minutes for the ~1500 branches of full NanoAOD.)
+    """
+    keep = ["run", "luminosityBlock", "event", "genWeight", "MET_*", "Jet_*", "Muon_*"]
+    keep += ["Electron_*", "nJet", "nMuon", "nElectron"]
+    with uproot.open(source) as f:
+        events = f["Events"].arrays(filter_name=keep, how="zip")
+        runs = f["Runs"].arrays(how=dict)
+    with uproot.recreate(target) as out:
+        kinds = {
+            k: events[k].type
+            if events[k].fields or events[k].ndim > 1
+            else ak.to_numpy(events[k]).dtype
+            for k in events.fields
+        }
+        out.mktree("Events", kinds).extend({k: events[k] for k in events.fields})
+        out.mktree("Runs", {k: v.type for k, v in runs.items()}).extend(runs)
+    return target
+
+
+@pytest.mark.slow
 def test_copy_of_real_nanoaod_with_score_branches(demo_chain, nanoaod_dir, tmp_path):
-    """Every branch of a real NanoAOD file survives the copy; the scores are added."""
-    source = nanoaod_dir / "nano_dy.root"
+    """Every branch of a (skimmed) real NanoAOD file survives the copy; the scores are added."""
+    source = _skimmed_real_nanoaod(nanoaod_dir / "nano_dy.root", tmp_path / "nano_dy.root")
     predictor = Predictor.from_bundle(demo_chain.bundle, formats=["nanoaod", "friend"])
-    copy, friend = predictor.predict_files([str(source)], tmp_path)
-    assert copy.name == "nano_dy.root" and copy.parent == tmp_path
+    copy, friend = predictor.predict_files([str(source)], tmp_path / "out")
+    assert copy.name == "nano_dy.root" and copy.parent == tmp_path / "out"
     with uproot.open(source) as src, uproot.open(copy) as out, uproot.open(friend) as fr:
-        assert set(out.keys(cycle=False)) >= {"Events", "Runs"}
+        assert set(out.keys(cycle=False)) == {"Events", "Runs"}
         before, after = src["Events"], out["Events"]
         assert after.num_entries == before.num_entries == 40
         names = set(before.keys())
+        assert len(names) > 100 and {"nJet", "Jet_pt", "MET_pt"} <= names
         assert names - set(after.keys()) == set()
         assert set(after.keys()) - names == {"score_signal", "score_background", "score_selected"}
-        for name in sorted(names)[::7]:  # a spread of jagged and flat branches
+        for name in sorted(names):
             a, b = before[name].array(), after[name].array()
             assert ak.all(ak.ravel((a == b) | (a != a))), name
         np.testing.assert_array_equal(
             after["score_signal"].array(library="np"),
             fr["Friends"]["score_signal"].array(library="np"),
         )
-        np.testing.assert_array_equal(
-            out["Runs"]["genEventSumw"].array(library="np"),
-            src["Runs"]["genEventSumw"].array(library="np"),
-        )
+        assert out["Runs"].keys() == src["Runs"].keys()  # genEventSumw_ etc. for normalising
+        for name in src["Runs"].keys():  # noqa: SIM118
+            assert ak.all(ak.ravel(out["Runs"][name].array() == src["Runs"][name].array()))
     # scoring the copy again into NanoAOD would add branches that are there already
     again = Predictor.from_bundle(demo_chain.bundle, formats=["nanoaod"])
     with pytest.raises(ConfigError, match="already has the branch.*score_signal.*predict.name"):
@@ -471,7 +494,7 @@ def test_files_mapped_over_a_local_cluster_of_two_workers(demo_chain, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_files_mapped_over_slurm(demo_chain, slurm_cluster, tmp_path):
+def test_files_mapped_over_slurm(demo_chain, slurm_cluster, tmp_path):  # noqa: F811
     files = [str(demo_chain.files[n][0]) for n in ("ttbar", "new")]
     script = tmp_path / "job.py"
     script.write_text(

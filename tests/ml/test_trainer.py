@@ -375,3 +375,253 @@ def test_auc_score_binary_and_multiclass():
     y3 = np.array([0, 1, 2, 0, 1, 2])
     perfect = np.eye(3)[y3] * 0.8 + 0.2 / 3
     assert auc_score(y3, perfect) == 1.0
+
+
+# --------------------------------------------------------------------------- models, loaders, control
+
+
+def test_deepsets_trains_and_its_bundle_predicts_the_same(binary_file, tmp_path):
+    from cmsmlkit.ml.bundle import Bundle
+
+    result = quick(
+        binary_file,
+        tmp_path / "ds",
+        model={"type": "deepsets", "hidden": [32], "object_hidden": [16, 16]},
+        optimizer="adam",
+        scheduler="cosine",
+    ).fit()
+    assert result.metrics["test_auc"] > 0.9
+    # the cosine schedule lowered the learning rate epoch by epoch
+    lr = result.history["lr"]
+    assert lr[0] > lr[1] > lr[2]
+    bundle = Bundle.load(result.bundle_path)
+    info = json.loads((result.bundle_path / "bundle.json").read_text())
+    assert info["model"]["type"] == "deepsets" and info["layout"]["masks"] == [["Jet", MAX_LEN]]
+    assert bundle.n_inputs == 2 + 2 * MAX_LEN + MAX_LEN  # ht, met, Jet.eta, Jet.pt, Jet mask
+    with h5py.File(binary_file, "r") as f:
+        proba = bundle.predict_proba(f)
+        labels = f["label"][:]
+    assert auc_score(labels, proba) > 0.9
+
+
+def test_custom_module_by_import_path(binary_file, tmp_path, monkeypatch):
+    (tmp_path / "usernet.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, n_inputs, n_outputs, width=8):\n"
+        "        super().__init__()\n"
+        "        self.body = torch.nn.Sequential(torch.nn.Linear(n_inputs, width), torch.nn.ReLU(),\n"
+        "                                        torch.nn.Linear(width, n_outputs))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = quick(
+        binary_file,
+        tmp_path / "custom",
+        model={"type": "custom", "import_path": "usernet:Net", "kwargs": {"width": 12}},
+    ).fit()
+    assert result.metrics["test_auc"] > 0.9
+    state = torch.load(result.bundle_path / "model.pt", weights_only=True)
+    assert state["body.0.weight"].shape == (12, 2 + 2 * MAX_LEN + MAX_LEN)
+    with pytest.raises(ConfigError, match="cannot import 'nowhere'"):
+        Trainer(inputs=["a.h5"], model={"type": "custom", "import_path": "nowhere:Net"})
+
+
+def test_blocks_loader_trains_like_memory(tmp_path):
+    labels = np.random.default_rng(1).integers(0, 2, 3000)
+    path = write_h5(tmp_path / "toy.h5", labels, ["s", "b"], seed=2)
+    # rewrite it chunked by 256 rows so that the loader streams 12 blocks
+    chunked = tmp_path / "chunked.h5"
+    with h5py.File(path, "r") as src, h5py.File(chunked, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                ds = dst.create_dataset(name, data=obj[:], chunks=(256, *obj.shape[1:]))
+                for k, v in obj.attrs.items():
+                    ds.attrs[k] = v
+
+        src.visititems(copy)
+    result = quick(chunked, tmp_path / "m", loader="blocks", block_buffer=3).fit(write_bundle=False)
+    assert result.metrics["test_auc"] > 0.9
+    assert (result.metrics["n_train"], result.metrics["n_test"]) == (1800, 600)
+
+
+def test_target_ends_training(binary_file, tmp_path):
+    result = quick(binary_file, tmp_path / "m", max_epochs=20, target=0.6).fit(write_bundle=False)
+    assert result.metrics["epochs_trained"] == 1
+    assert result.metrics["stopped_by"] == "target"
+    full = quick(binary_file, tmp_path / "m", max_epochs=2).fit(write_bundle=False)
+    assert full.metrics["stopped_by"] == "max_epochs"
+
+
+def test_gradient_clipping_and_monitor_reach_lightning(binary_file, tmp_path):
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["clip"] = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            seen["precision"] = trainer.precision
+            seen["device"] = pl_module.device.type
+            stops = [c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping"]
+            seen["monitor"] = (stops[0].monitor, stops[0].mode)
+
+    quick(binary_file, tmp_path / "m", max_epochs=1, gradient_clip=0.5, monitor="val_loss").fit(
+        callbacks=[Spy()], write_bundle=False
+    )
+    assert seen["clip"] == (0.5, "norm")
+    assert seen["monitor"] == ("val_loss", "min")
+    if not torch.cuda.is_available():
+        # CPU by default: full precision, no GPU needed
+        assert (seen["precision"], seen["device"]) == ("32-true", "cpu")
+
+
+class Interrupt(Exception):
+    """What an interrupted session looks like to fit(): an exception between two epochs."""
+
+
+class InterruptAt(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise Interrupt(f"interrupted before epoch {self.epoch + 1}")
+
+
+class CountEpochs(pl.Callback):
+    def __init__(self) -> None:
+        self.started: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.started.append(trainer.current_epoch)
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_from_the_last_checkpoint(binary_file, tmp_path):
+    output = tmp_path / "model"
+    trainer = quick(binary_file, output, max_epochs=4, patience=10)
+    with pytest.raises(Interrupt, match="before epoch 3"):
+        trainer.fit(callbacks=[InterruptAt(2)])
+    checkpoints = tmp_path / "model.checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not output.exists()
+
+    counter = CountEpochs()
+    resumed = quick(binary_file, output, max_epochs=4, patience=10).fit(callbacks=[counter])
+    assert counter.started == [2, 3]  # epochs 1 and 2 were not trained again
+    assert resumed.metrics["epochs_trained"] == 4
+    assert {len(v) for v in resumed.history.values()} == {4}
+    assert not checkpoints.exists()  # done: nothing left to resume
+    # the same as an uninterrupted training of the same config and seed
+    straight = quick(binary_file, tmp_path / "straight", max_epochs=4, patience=10).fit()
+    assert straight.history["train_loss"] == pytest.approx(resumed.history["train_loss"], rel=1e-5)
+    assert straight.metrics["test_auc"] == pytest.approx(resumed.metrics["test_auc"], rel=1e-5)
+
+
+def test_checkpoints_of_another_config_are_not_resumed(binary_file, tmp_path, caplog):
+    output = tmp_path / "model"
+    with pytest.raises(Interrupt):
+        quick(binary_file, output, max_epochs=3).fit(callbacks=[InterruptAt(1)])
+    counter = CountEpochs()
+    with caplog.at_level("WARNING", logger="cmsmlkit.ml.trainer"):
+        quick(binary_file, output, max_epochs=2, learning_rate=1e-2).fit(
+            callbacks=[counter], write_bundle=True
+        )
+    assert counter.started == [0, 1]
+    assert "checkpoints of another configuration" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("labels", "fields", "error", "message"),
+    [
+        (
+            np.zeros(200, int),
+            {},
+            DataError,
+            "are class 'signal'; the classifier needs at least two",
+        ),
+        (
+            None,
+            {"features": ["ht", "Jet.ptt"]},
+            ConfigError,
+            r"'Jet.ptt' matches no feature .* Did you mean 'Jet.pt'",
+        ),
+        (None, {"test_fraction": 0.0001, "val_fraction": 0.5}, None, None),
+    ],
+)
+def test_bad_input_fails_before_any_training(tmp_path, labels, fields, error, message):
+    labels = np.repeat([0, 1], 100) if labels is None else labels
+    path = write_h5(tmp_path / "in.h5", labels, ["signal", "background"])
+    if error is None:
+        # a tiny test fraction still puts one event of each class in the test split
+        result = quick(path, tmp_path / "m", max_epochs=1, **fields).fit(write_bundle=False)
+        assert result.metrics["n_test"] == 2
+        return
+    started = CountEpochs()
+    with pytest.raises(error, match=message):
+        quick(path, tmp_path / "m", **fields).fit(callbacks=[started])
+    assert started.started == []
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoints").exists()
+
+
+def test_empty_split_and_missing_label_fail_before_training(tmp_path):
+    from cmsmlkit.errors import InputFileError
+
+    good = write_h5(tmp_path / "good.h5", np.repeat([0, 1], 50), ["s", "b"])
+    empty = write_h5(tmp_path / "empty.h5", np.zeros(0, int), ["s", "b"])
+    with pytest.raises(DataError, match="the val split is empty"):
+        quick(good, tmp_path / "m", val_inputs=[str(empty)], test_inputs=[str(good)]).fit()
+    with h5py.File(tmp_path / "nolabel.h5", "w") as f:
+        f.attrs["cmsmlkit_version"] = "0.1.0"
+        f["scalars/ht"] = np.ones(3, np.float32)
+        f["weight"] = np.ones(3, np.float32)
+        f["event_id"] = np.zeros((3, 3), np.int64)
+    with pytest.raises(InputFileError, match="the dataset '/label' is missing"):
+        quick(tmp_path / "nolabel.h5", tmp_path / "m").fit()
+    assert not (tmp_path / "m.checkpoints").exists()
+
+
+def test_nan_value_lets_training_run(tmp_path):
+    labels = np.repeat([0, 1], 300)
+    path = write_h5(tmp_path / "nan.h5", labels, ["s", "b"])
+    with h5py.File(path, "r+") as f:
+        met = f["scalars/met"][:]
+        met[::10] = np.nan
+        f["scalars/met"][:] = met
+    with pytest.raises(
+        DataError, match=r"'met' in 60 events.*set train.nan_value|'met' in 60 events"
+    ):
+        quick(path, tmp_path / "m").fit()
+    result = quick(path, tmp_path / "m", nan_value=0.0, max_epochs=2).fit(write_bundle=False)
+    assert result.metrics["test_auc"] > 0.9
+
+
+# --------------------------------------------------------------------------- MLflow server
+
+from mlflow_server import mlflow_server  # noqa: E402,F401
+
+
+@pytest.mark.slow
+def test_tracking_to_a_real_mlflow_server(binary_file, tmp_path, mlflow_server):
+    import mlflow
+
+    result = quick(
+        binary_file,
+        tmp_path / "model",
+        max_epochs=2,
+        tracking={"uri": mlflow_server.uri, "experiment": "served"},
+    ).fit()
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optimizer"] == "adamw"
+    assert run.data.metrics["test_auc"] == pytest.approx(result.metrics["test_auc"])
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_auc")] == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "bundle")}
+    assert {"bundle/bundle.json", "bundle/model.onnx", "bundle/model.ts"} <= artifacts
+    # the artifacts went through the server into its store, not into the working directory
+    stored = list((mlflow_server.directory / "artifacts").rglob("bundle.json"))
+    assert len(stored) == 1
+    assert not (tmp_path / "mlflow.db").exists()

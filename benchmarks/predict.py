@@ -1,0 +1,185 @@
+"""Benchmark of the Predictor: end to end on NanoAOD against plain uproot, and the model alone.
+
+In one run, on one generated NanoAOD file (``--events``, 1M by default):
+
+* plain uproot reading the branches the bundle's selection needs (the baseline);
+* the Predictor end to end (skim with the bundle's selection, pad, standardise,
+  score, align with the input, write the friend tree), events/s and its ratio
+  to the baseline (aim: at least 0.5);
+* the model alone on ready input rows: torch and ONNX Runtime, events/s.
+
+A small bundle is trained first on small toy data (a few epochs).
+
+Run: ``python benchmarks/predict.py [--events N] [--data DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SKIM = {
+    "selection": {
+        "objects": {
+            "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
+            "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
+            "GoodElectron": {
+                "from": "Electron",
+                "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3",
+            },
+        },
+        "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
+        "variables": {
+            "ht": "sum(GoodJet.pt)",
+            "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])",
+            "met": "MET.pt",
+        },
+    },
+    "collections": {
+        "GoodJet": ["pt", "eta", "btagDeepFlavB"],
+        "GoodMuon": ["pt", "eta"],
+        "GoodElectron": ["pt"],
+    },
+}
+PADDING = {"GoodJet": {"max_len": 5}, "GoodMuon": {"max_len": 2}, "GoodElectron": {"max_len": 2}}
+#: The NanoAOD branches the selection reads (what plain uproot reads for the baseline).
+BRANCHES = [
+    "run",
+    "luminosityBlock",
+    "event",
+    "genWeight",
+    "Jet_pt",
+    "Jet_eta",
+    "Jet_jetId",
+    "Jet_btagDeepFlavB",
+    "Muon_pt",
+    "Muon_eta",
+    "Muon_tightId",
+    "Electron_pt",
+    "Electron_eta",
+    "Electron_cutBased",
+    "MET_pt",
+]
+
+
+def _train(work: Path) -> Path:
+    from cmsmlkit import HDF5Writer, NanoAODSource, Skimmer, Trainer
+    from cmsmlkit.data import toy
+
+    files = toy.make_demo(work / "train", n_events=4000, seed=3)
+    source = NanoAODSource(
+        datasets={
+            name: {"files": [str(p) for p in files[name]], "label": label}
+            for name, label in (("ttbar", "signal"), ("wjets", "background"), ("dy", "background"))
+        }
+    )
+    skimmer = Skimmer(SKIM)
+    skim = skimmer.run(source.fileset())
+    h5 = HDF5Writer(output=str(work / "train.h5"), collections=PADDING).write(
+        skim, skim_config=skimmer.config
+    )
+    result = Trainer(
+        inputs=[str(h5)],
+        output=str(work / "model"),
+        max_epochs=3,
+        batch_size=512,
+        tracking={"enabled": False},
+    ).fit()
+    return Path(result.bundle_path)
+
+
+def _timed(function):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    out = function()
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events in the NanoAOD file")
+    parser.add_argument("--data", help="directory for the generated files (default: a temp dir)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CMSMLKIT_PROGRESS", "0")
+
+    import torch
+    import uproot
+
+    from cmsmlkit import Predictor
+    from cmsmlkit.data import toy
+
+    torch.set_num_threads(1)  # like the single-threaded uproot baseline
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.data or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        bundle, t_train = _timed(lambda: _train(work))
+        print(f"trained a small bundle in {t_train:.1f} s: {bundle}")
+        nano = work / f"new_{args.events}.root"
+        if not nano.exists():
+            _, t_gen = _timed(lambda: toy.write_nanoaod(nano, "new", args.events, seed=11))
+            print(f"generated {args.events} events in {t_gen:.1f} s: {nano}")
+        n = args.events
+
+        def plain() -> int:
+            with uproot.open(nano) as f:
+                arrays = f["Events"].arrays(BRANCHES)
+            return len(arrays)
+
+        plain()  # warm the page cache, so both read from memory
+        _, t_plain = _timed(plain)
+
+        predictor = Predictor.from_bundle(bundle, formats=["friend"], rerun=True)
+        report, t_pred = _timed(lambda: predictor.predict_files([str(nano)], work / "scores"))
+        assert len(report.scored) == 1
+
+        b = predictor.bundle
+        from cmsmlkit.ml.dataset import feature_matrix
+
+        events = predictor.skimmer.run({"x": {"files": {str(nano): "Events"}}}).arrays["x"]
+        m = len(events)
+        sample = predictor.columns(events)
+        X, valid = feature_matrix(sample, b.features)
+        Z = b.standardiser.transform(X, valid)
+        net = b.model()
+        with torch.no_grad():
+            net(torch.from_numpy(Z[:1024]))
+
+            def run_torch() -> None:
+                for s in range(0, len(Z), 65536):
+                    torch.softmax(net(torch.from_numpy(Z[s : s + 65536])), dim=1)
+
+            _, t_torch = _timed(run_torch)
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = onnxruntime.InferenceSession(
+            str(b.onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+
+        def run_onnx() -> None:
+            for s in range(0, len(Z), 65536):
+                session.run(["probabilities"], {"features": Z[s : s + 65536]})
+
+        run_onnx()
+        _, t_onnx = _timed(run_onnx)
+
+        rate_plain = n / t_plain
+        rate_pred = n / t_pred
+        print(f"\nNanoAOD file: {n} events, {m} pass the bundle's selection")
+        print(f"plain uproot read of {len(BRANCHES)} branches : {rate_plain:12,.0f} events/s")
+        print(f"Predictor end to end (friend tree)     : {rate_pred:12,.0f} events/s")
+        print(
+            f"ratio Predictor / plain read           : {rate_pred / rate_plain:12.2f}  (aim >= 0.5)"
+        )
+        print(f"model alone, torch (1 thread)          : {len(Z) / t_torch:12,.0f} events/s")
+        print(f"model alone, ONNX Runtime (1 thread)   : {len(Z) / t_onnx:12,.0f} events/s")
+        print(f"ratio ONNX Runtime / torch             : {t_torch / t_onnx:12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

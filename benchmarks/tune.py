@@ -1,0 +1,173 @@
+"""Benchmark of the Tuner on the demo data: what pruning saves, and what a second worker adds.
+
+In one run, on the demo chain (toy NanoAOD -> skim -> HDF5, written to a temp dir):
+
+1. the same study (same seed, same search space) with ``--trials`` trials twice,
+   with the median pruner and without pruning: the best validation AUC and the
+   epochs trained in all, and their differences (aim: within 0.005 AUC with at
+   most half the epochs);
+2. ``--throughput-trials`` trials (no pruning) with 1 worker (in this process)
+   and with 2 local dask workers: trials per minute, timed from the start of
+   the first trial to the end of the last one.
+
+Run: ``.venv/bin/python benchmarks/tune.py [--events N] [--trials 30] [--epochs 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+SELECTION = {
+    "selection": {
+        "objects": {
+            "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
+            "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
+            "GoodElectron": {
+                "from": "Electron",
+                "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3",
+            },
+        },
+        "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
+        "variables": {
+            "ht": "sum(GoodJet.pt)",
+            "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])",
+            "met": "MET.pt",
+        },
+    },
+    "collections": {
+        "GoodJet": ["pt", "eta", "btagDeepFlavB"],
+        "GoodMuon": ["pt", "eta"],
+        "GoodElectron": ["pt"],
+    },
+}
+PADDING = {"GoodJet": {"max_len": 5}, "GoodMuon": {"max_len": 2}, "GoodElectron": {"max_len": 2}}
+SPACE = {
+    "depth": {"low": 1, "high": 3},
+    "width": {"low": 8, "high": 128, "log": True},
+    "learning_rate": {"low": 1.0e-5, "high": 3.0e-2, "log": True},
+    "model.dropout": {"low": 0.0, "high": 0.5},
+    "model.activation": ["relu", "gelu", "tanh"],
+}
+
+
+def demo_h5(directory: Path, n_events: int) -> Path:
+    """The demo chain: toy NanoAOD, skimmed, padded into one HDF5 file."""
+    from cmsmlkit import HDF5Writer, NanoAODSource, Skimmer
+    from cmsmlkit.data import toy
+
+    files = toy.make_demo(directory / "nanoaod", n_events=n_events, seed=7)
+    labels = {"ttbar": "signal", "wjets": "background", "dy": "background"}
+    source = NanoAODSource(
+        datasets={
+            name: {"files": [str(p) for p in files[name]], "label": label}
+            for name, label in labels.items()
+        }
+    )
+    skimmer = Skimmer(SELECTION)
+    skim = skimmer.run(source.fileset())
+    writer = HDF5Writer(output=str(directory / "demo.h5"), collections=PADDING)
+    return Path(writer.write(skim, skim_config=skimmer.config))
+
+
+def trial_span_minutes(result) -> float:  # noqa: ANN001
+    """Minutes from the first trial's start to the last trial's end, read from the study."""
+    import optuna
+
+    summary_storage = f"sqlite:///{Path(result.summary_path).parent / 'study.db'}"
+    study = optuna.load_study(study_name="cmsmlkit", storage=summary_storage)
+    starts = [t.datetime_start for t in study.trials if t.datetime_start]
+    ends = [t.datetime_complete for t in study.trials if t.datetime_complete]
+    return (max(ends) - min(starts)).total_seconds() / 60
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=6000, help="toy events per process")
+    parser.add_argument("--trials", type=int, default=30, help="trials per study (pruning)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per trial at most")
+    parser.add_argument("--patience", type=int, default=3, help="early-stopping patience")
+    parser.add_argument(
+        "--throughput-trials", type=int, default=8, help="trials per throughput study"
+    )
+    parser.add_argument("--workdir", help="keep the outputs here instead of a temp dir")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    from cmsmlkit import Tuner
+    from cmsmlkit.config import ClusterConfig
+
+    with tempfile.TemporaryDirectory(prefix="cmsml-bench-tune-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        h5 = demo_h5(work, args.events)
+        import h5py
+
+        with h5py.File(h5) as f:
+            n = len(f["label"])
+        print(f"demo data: {n} events after selection ({time.perf_counter() - t0:.1f} s)")
+        train = {
+            "inputs": [str(h5)],
+            "batch_size": 256,
+            "patience": args.patience,
+            "accelerator": "cpu",
+            "tracking": {"enabled": False},
+        }
+        common = {
+            "n_trials": args.trials,
+            "max_epochs": args.epochs,
+            "space": SPACE,
+            "figures": False,
+            "threads_per_trial": 1,
+        }
+
+        # 1. pruning against no pruning, the same sampler seed and space
+        results = {}
+        for pruner in ("median", "none"):
+            start = time.perf_counter()
+            tuner = Tuner(
+                output=str(work / f"prune-{pruner}"), train=train, pruner=pruner, **common
+            )
+            results[pruner] = result = tuner.run()
+            print(
+                f"pruner={pruner:6s}: best val AUC {result.best_value:.4f}, "
+                f"{result.total_epochs} epochs in {result.n_trials} trials "
+                f"({result.n_pruned} pruned), {time.perf_counter() - start:.0f} s"
+            )
+        pruned, full = results["median"], results["none"]
+        delta = full.best_value - pruned.best_value
+        ratio = pruned.total_epochs / full.total_epochs
+        print(
+            f"pruning: best val AUC {pruned.best_value:.4f} vs {full.best_value:.4f} "
+            f"(difference {delta:+.4f}; aim <= 0.005), epochs {pruned.total_epochs} vs "
+            f"{full.total_epochs} (ratio {ratio:.2f}; aim <= 0.50)"
+        )
+
+        # 2. throughput: trials per minute with 1 worker and with 2 local workers
+        rates = {}
+        for workers in (1, 2):
+            tuner = Tuner(
+                output=str(work / f"workers-{workers}"),
+                train=train,
+                cluster=ClusterConfig(workers=workers),
+                pruner="none",
+                **{**common, "n_trials": args.throughput_trials},
+            )
+            result = tuner.run()
+            rates[workers] = result.n_trials / trial_span_minutes(result)
+            print(
+                f"{workers} worker(s): {rates[workers]:.2f} trials/minute ({result.n_trials} trials)"
+            )
+        print(f"2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

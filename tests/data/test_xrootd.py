@@ -1,0 +1,148 @@
+"""NanoAODSource and Skimmer over ``root://``, against a real XRootD server on loopback.
+
+The server (tests/xrootd_server.py) runs in a network namespace of its own, so
+the client part of each test runs in a subprocess inside that namespace; it
+writes its results (a skim output directory, JSON) where this process reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import awkward as ak
+import pytest
+from xrootd_server import xrootd_server  # noqa: F401 - the fixture
+
+from cmsmlkit.data.skim import Skimmer, SkimResult
+
+pytestmark = [pytest.mark.xrootd, pytest.mark.slow]
+
+SELECTION = {
+    "objects": {
+        "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
+        "GoodMuon": {"from": "Muon", "where": "pt > 5"},
+    },
+    "cuts": ["num(GoodJet) >= 1"],
+    "variables": {
+        "ht": "sum(GoodJet.pt)",
+        "lead_jet_pt": "GoodJet.pt[:, 0]",
+        "met": "MET.pt",
+    },
+}
+COLLECTIONS = {"GoodJet": ["pt", "eta", "phi"], "GoodMuon": ["pt", "*Iso*"]}
+
+
+@pytest.fixture(scope="module")
+def served(xrootd_server, nanoaod_dir):  # noqa: F811 - the imported fixture
+    """The real NanoAOD files on the server, under CMS-style /store paths."""
+    pytest.importorskip("fsspec_xrootd", reason="pip install fsspec-xrootd (the xrootd extra)")
+    lfns = {
+        "dy": "/store/mc/Test/DY/NANOAODSIM/v1/nano_dy.root",
+        "tt": "/store/mc/Test/TT/NANOAODSIM/v1/nano_tt_v12.root",
+    }
+    for name, lfn in lfns.items():
+        source = nanoaod_dir / ("nano_dy.root" if name == "dy" else "nano_tt_v12.root")
+        xrootd_server.put(source, lfn)
+    return lfns
+
+
+def run_client(server, tmp_path: Path, body: str) -> dict:
+    """Run ``body`` with cmsmlkit in a Python inside the server's namespace; its JSON result."""
+    script = tmp_path / "client.py"
+    result_path = tmp_path / "client.json"
+    script.write_text(
+        "import json, sys\n"
+        "from cmsmlkit import NanoAODSource, Skimmer\n"
+        "from cmsmlkit.errors import InputFileError\n"
+        f"SELECTION = {SELECTION!r}\n"
+        f"COLLECTIONS = {COLLECTIONS!r}\n"
+        "out = {}\n"
+        + textwrap.dedent(body)
+        + f"\njson.dump(out, open({str(result_path)!r}, 'w'))\n"
+    )
+    done = server.run(
+        [sys.executable, str(script)],
+        cwd=str(tmp_path),
+        env={"PATH": "/usr/bin:/bin", "CMSMLKIT_PROGRESS": "0", "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(result_path.read_text())
+
+
+def test_skim_over_root_equals_the_local_skim(xrootd_server, served, nanoaod_dir, tmp_path):  # noqa: F811
+    # the client lists the files as /store paths in a text file, read through the redirector
+    listing = tmp_path / "tt_files.txt"
+    listing.write_text(f"# ttbar\n{served['tt']}\n")
+    out = run_client(
+        xrootd_server,
+        tmp_path,
+        f"""
+        source = NanoAODSource(
+            datasets={{
+                "dy": {{"files": ["{xrootd_server.url_for(served["dy"])}"], "label": "background"}},
+                "tt": {{"files": ["{listing}"], "label": "signal", "xsec": 833.9}},
+            }},
+            redirector="{xrootd_server.url}",
+        )
+        out["files"] = {{d: source.files(d) for d in source.datasets}}
+        out["nevents"] = source.nevents()
+        events = source.open_events("tt")
+        out["open_events"] = [len(events), float(events.Muon.pt[0][0])]
+        Skimmer(
+            selection=SELECTION, collections=COLLECTIONS, output="{tmp_path / "remote"}",
+            chunksize=64,
+        ).run(source)
+        """,
+    )
+    dy_url = f"root://127.0.0.1:1094//{served['dy'].lstrip('/')}"
+    tt_url = f"root://127.0.0.1:1094//{served['tt'].lstrip('/')}"
+    assert out["files"] == {"dy": [dy_url], "tt": [tt_url]}
+    assert out["nevents"] == {"dy": {dy_url: 40}, "tt": {tt_url: 200}}
+    assert out["open_events"][0] == 200
+    remote = SkimResult.load(tmp_path / "remote")
+    local = Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=64).run(
+        {
+            "dy": {
+                "files": {str(nanoaod_dir / "nano_dy.root"): "Events"},
+                "metadata": {"label": "background"},
+            },
+            "tt": {
+                "files": {str(nanoaod_dir / "nano_tt_v12.root"): "Events"},
+                "metadata": {"label": "signal"},
+            },
+        }
+    )
+    assert remote.metadata["tt"]["files"] == [tt_url]
+    assert remote.metadata["tt"]["xsec"] == 833.9
+    assert remote.cutflow == local.cutflow
+    assert remote.cutflow["tt"]["all"]["events"] == 200
+    for ds in ("dy", "tt"):
+        assert len(remote.arrays[ds]) == len(local.arrays[ds]) > 0
+        assert ak.to_list(remote.arrays[ds]) == ak.to_list(local.arrays[ds])
+
+
+def test_missing_remote_file_is_reported_or_skipped(xrootd_server, served, tmp_path):  # noqa: F811
+    missing = xrootd_server.url_for("/store/mc/Test/DY/NANOAODSIM/v1/gone.root")
+    out = run_client(
+        xrootd_server,
+        tmp_path,
+        f"""
+        files = ["{xrootd_server.url_for(served["dy"])}", "{missing}"]
+        try:
+            Skimmer(selection=SELECTION, collections=COLLECTIONS).run({{"dy": files}})
+        except InputFileError as exc:
+            out["error"] = str(exc)
+        result = Skimmer(
+            selection=SELECTION, collections=COLLECTIONS, skip_bad_files=True, retries=0
+        ).run({{"dy": files}})
+        out["skipped"] = result.skipped
+        out["events"] = result.cutflow["dy"]["all"]["events"]
+        """,
+    )
+    assert out["error"].startswith(f"cannot read {missing} as a ROOT file (")
+    assert "set skim.skip_bad_files: true" in out["error"]
+    assert list(out["skipped"]["dy"]) == [missing]
+    assert out["events"] == 40
