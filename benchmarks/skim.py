@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     branches = branches_read(skim, path)
     print(f"file: {path}, {args.events:,} events, chunksize {skim.chunksize:,}")
     print(f"branches the Skimmer reads ({len(branches)}): {' '.join(branches)}")
-    print(f"CPUs: {os.cpu_count()}")
+    load = os.getloadavg()[0]
+    print(
+        f"CPUs: {os.cpu_count()}, load average at start: {load:.1f} (figures are only fair near 0)"
+    )
 
     from cmsmlkit.cluster import dask_client
     from cmsmlkit.config import ClusterConfig
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Skimmer / uproot:             {one / base:.2f}   (aim >= 0.5)")
     print(f"2 workers / 1 worker (warm):  {two / one:.2f}   (aim >= 1.6)")
     print(f"2 workers / 1 worker (cold):  {cold / one:.2f}")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
     if args.profile:
         profile = cProfile.Profile()

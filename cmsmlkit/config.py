@@ -807,6 +807,11 @@ class SubmitConfig(BaseConfig):
     job_dir: str = Field(
         "jobs", description="directory of the job directories (relative: to the pipeline YAML)"
     )
+    transfer_inputs: bool = Field(
+        False,
+        description="HTCondor: ship the local input files with the job (for pools without a "
+        "shared filesystem); false reads them in place (AFS, EOS, NFS)",
+    )
     eos_url: str | None = Field(
         None,
         description="XRootD URL that /eos/ outputs are copied to with xrdcp; none: "

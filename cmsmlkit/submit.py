@@ -410,6 +410,8 @@ class _Plan:
         self.remote_inputs: list[str] = []
         self.missing_inputs: list[str] = []
         self.local_inputs: list[str] = []
+        self.transfers: dict[str, str] = {}  # name on the worker -> local input file
+        self.stamps: dict[str, str] = {}  # stage -> its output, for the pipeline's done-record
         self.data = self._worker_config()
 
     def destination(self, value: str) -> str:
@@ -449,7 +451,20 @@ class _Plan:
         if check and not (glob.glob(path) if glob.has_magic(path) else Path(path).exists()):
             self.missing_inputs.append(f"{key}: {path}")
         self.local_inputs.append(path)
-        return path
+        return self._shipped(path) if self.config.transfer_inputs else path
+
+    def _shipped(self, path: str) -> str:
+        """An input HTCondor transfers: listed for transfer, named ``in/<name>`` on the worker."""
+        for file in sorted(glob.glob(path)) if glob.has_magic(path) else [path]:
+            name = Path(file).name
+            other = self.transfers.setdefault(name, file)
+            if other != file:
+                raise ConfigError(
+                    f"submit.transfer_inputs: two inputs are named {name!r} ({other} and {file}) "
+                    "and would land in one directory on the worker. Rename one, or read them in "
+                    "place from a shared filesystem (transfer_inputs: false)."
+                )
+        return f"in/{Path(path).name}"
 
     def _worker_config(self) -> dict[str, Any]:
         cfg = self.pipeline.config
@@ -471,6 +486,8 @@ class _Plan:
             self.deliveries.append((local, dest))
             marker = {"train": "/bundle.json", "tune": "/best/bundle.json"}.get(section, "")
             self.outputs.append(dest + marker)
+            if not is_remote(dest):
+                self.stamps[section] = dest + marker
         reads = set(self.stages)
         for stage in self.stages:
             reads.update(_NEEDS[stage])
@@ -559,6 +576,9 @@ def _wrapper(plan: _Plan, job_dir: Path, name: str) -> str:
     locals_ = sorted({str(Path(local).parent) for local, _ in plan.deliveries})
     if locals_:
         lines.append("mkdir -p " + " ".join(q(d) for d in locals_))
+    if plan.transfers:
+        lines += ["# the inputs HTCondor brought along", "mkdir -p in"]
+        lines += [f'mv -f "$START_DIR"/{q(name)} in/' for name in plan.transfers]
     lines += [
         "",
         "# the environment, then the stage",
@@ -625,6 +645,26 @@ def _wrapper(plan: _Plan, job_dir: Path, name: str) -> str:
         "}",
     ]
     lines += [f"deliver {q(local)} {q(dest)}" for local, dest in plan.deliveries]
+    if plan.stamps:
+        lines += ["", "# record the stages as done, so that `cmsml run` there skips them"]
+    for stage, output in plan.stamps.items():
+        # the same record Pipeline writes: the hash of the submitted config, the output
+        stamp = plan.pipeline._stamp_path(stage)
+        record = {
+            "stage": stage,
+            "hash": plan.pipeline._hash(stage),
+            "outputs": [output],
+            "job": name,
+        }
+        tmp = q(f"{stamp}.tmp") + ".$$"
+        lines += [
+            f"if mkdir -p {q(str(stamp.parent))} 2>/dev/null; then",
+            f"  cat > {tmp} <<'CMSML_STAMP' && mv -f {tmp} {q(str(stamp))} || "
+            f'echo "cmsml-job: could not write {stamp}"',
+            json.dumps(record),
+            "CMSML_STAMP",
+            "fi",
+        ]
     lines += ['echo "cmsml-job: done"', ""]
     return "\n".join(lines)
 
@@ -647,7 +687,7 @@ def _condor_sub(plan: _Plan, job_dir: Path, name: str, proxy: Path | None) -> st
         "should_transfer_files   = YES",
         "when_to_transfer_output = ON_EXIT",
     ]
-    shipped = [str(job_dir / "config.yaml")]
+    shipped = [str(job_dir / "config.yaml"), *plan.transfers.values()]
     if proxy is not None:
         shipped.append(str(proxy))
         lines += [
@@ -788,6 +828,11 @@ def submit(
     elif not pipeline.stages():
         raise ConfigError(f"{config_path}: no stage is configured, so `run` has nothing to do.")
 
+    if config.transfer_inputs and config.scheduler != "htcondor":
+        raise ConfigError(
+            "submit.transfer_inputs is for HTCondor; SLURM jobs read their inputs in place "
+            "from the shared filesystem, so leave it false."
+        )
     plan = _Plan(pipeline, config_path, stage, config)
     if plan.missing_inputs:
         raise ConfigError(
@@ -935,6 +980,13 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--venv", {"metavar": "PATH", "help": "virtual environment (shared filesystem) to activate"}),
     ("--proxy", {"metavar": "FILE", "help": "GRID proxy (default: $X509_USER_PROXY)"}),
     ("--job-dir", {"metavar": "DIR", "help": "where job directories go (default: jobs/)"}),
+    (
+        "--transfer-inputs",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "HTCondor: ship local inputs with the job (no shared filesystem)",
+        },
+    ),
 ]
 
 

@@ -42,10 +42,15 @@ checked equal to the PyTorch model when the bundle is written. CMSSW evaluates i
 # --------------------------------------------------------------------------- notebooks
 
 
+#: Notebooks in the order of the chain; any other notebook follows, by name.
+NOTEBOOK_ORDER = ("quickstart", "skim", "convert", "train", "tune", "predict")
+
+
 def notebooks() -> list[Path]:
-    """The notebooks of the repository, sorted by name (quickstart first)."""
-    found = sorted((ROOT / "notebooks").glob("*.ipynb"))
-    return sorted(found, key=lambda p: (p.stem != "quickstart", p.stem))
+    """The notebooks of the repository: those of the chain in its order, then the rest."""
+    found = (ROOT / "notebooks").glob("*.ipynb")
+    rank = {name: i for i, name in enumerate(NOTEBOOK_ORDER)}
+    return sorted(found, key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
 
 
 def notebook_title(path: Path) -> str:

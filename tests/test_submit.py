@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -408,6 +409,11 @@ def test_wrapper_runs_the_stage_and_delivers_its_output(tmp_path, demo_files):
     assert not list(dest.parent.glob("*.part-*"))
     assert job.exit_code() == 0
     assert job.found_outputs() == {str(dest): [str(dest)]}
+    # the job recorded the stage as done: the same pipeline run here skips it
+    from cmsmlkit import Pipeline
+
+    again = Pipeline(pipeline).run(["convert"])
+    assert again.skipped == ["convert"] and again.outputs["convert"] == [dest]
 
 
 def test_wrapper_exit_code_is_the_stages_with_the_error_last(tmp_path, demo_files):
@@ -427,45 +433,59 @@ def test_wrapper_exit_code_is_the_stages_with_the_error_last(tmp_path, demo_file
 
 
 @pytest.fixture(scope="module")
-def xrootd_server(tmp_path_factory):
+def xrootd_server():
     """A real XRootD server on loopback of its own network namespace (RECIPES.md)."""
     from servers import require_binaries
 
     require_binaries("xrootd", "xrdcp", "xrdfs", "nsenter", "ip", apt="xrootd-server xrootd-client")
     if os.geteuid() != 0:
         pytest.skip("the XRootD test server needs root (a network namespace, the xrootd user)")
-    base = tmp_path_factory.mktemp("xrootd")
+    # not under pytest's tmp dir: that is private to root, and xrootd runs as its own user
+    base = Path(tempfile.mkdtemp(prefix="cmsml-submit-xrd-"))
     base.chmod(0o755)
     data = base / "data"
     data.mkdir()
     shutil.chown(data, user="xrootd")
-    netns = f"cmsml-submit-xrd-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    netns = base.name
     prefix = ["nsenter", f"--net=/var/run/netns/{netns}"]
     (base / "xrootd.cfg").write_text(f"all.export {data}\nxrd.port 1094\n")
+    subprocess.run(["ip", "netns", "add", netns], check=True)
     server = None
     try:
         subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True)
+        log = base / "xrootd.log"
         # xrootd refuses to run as root: run it as the user the package creates
         server = subprocess.Popen(
             [*prefix, "runuser", "-u", "xrootd", "--", "xrootd", "-c", str(base / "xrootd.cfg")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         url = "root://127.0.0.1:1094/"
-        for _ in range(100):
-            ping = subprocess.run([*prefix, "xrdfs", url, "ls", str(data)], capture_output=True)
+        deadline = time.monotonic() + 30
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"xrootd exited at once:\n{log.read_text()}")
+            ping = subprocess.run(
+                [*prefix, "xrdfs", url, "stat", str(data)],
+                capture_output=True,
+                timeout=30,
+                env={**os.environ, "XRD_CONNECTIONRETRY": "1", "XRD_REQUESTTIMEOUT": "5"},
+            )
             if ping.returncode == 0:
                 break
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("the XRootD test server did not start")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the XRootD test server did not answer:\n{log.read_text()}")
+            time.sleep(0.2)
         yield SimpleNamespace(url=url, data=data, prefix=prefix)
     finally:
         if server is not None:
             server.terminate()
             server.wait(10)
+        left = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+        for pid in left.stdout.split():  # what is left in the namespace is ours
+            os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "delete", netns], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.xrootd
@@ -494,7 +514,7 @@ def test_outputs_reach_a_root_url_through_xrdcp(xrootd_server, tmp_path, demo_fi
     with h5py.File(xrootd_server.data / "ana" / "demo.h5") as f:
         assert f["objects/GoodJet/pt"].shape[1] == 5
     skimmed = sorted(p.name for p in (xrootd_server.data / "ana" / "skimmed").iterdir())
-    assert skimmed and all(name.endswith(".root") for name in skimmed)
+    assert skimmed == ["cutflow.json", "skim.json", "ttbar.root", "wjets.root"]
     # `cmsml jobs` finds them on the server (xrdfs stat, from inside the namespace)
     found = subprocess.run(
         [
@@ -513,6 +533,54 @@ def test_outputs_reach_a_root_url_through_xrdcp(xrootd_server, tmp_path, demo_fi
         f"{remote}/skimmed": [f"{remote}/skimmed"],
         f"{remote}/demo.h5": [f"{remote}/demo.h5"],
     }
+
+
+def test_htcondor_transfers_local_inputs_when_asked(tmp_path, demo_files):
+    pipeline = write_pipeline(tmp_path / "ana", demo_sections(demo_files))
+    job = submit("convert", pipeline, dry_run=True, transfer_inputs=True)
+    files = [str(demo_files["ttbar"][0]), str(demo_files["wjets"][0])]
+    sub = lines_of(job.submit_file)
+    config = str(Path(job.job_dir) / "config.yaml")
+    assert f"transfer_input_files    = {', '.join([config, *files])}" in sub
+    worker = yaml.safe_load(Path(config).read_text())
+    assert worker["source"]["datasets"]["ttbar"]["files"] == ["in/ttbar.root"]
+    wrapper = job.wrapper.read_text()
+    assert 'mv -f "$START_DIR"/ttbar.root in/' in wrapper
+    # two inputs of one name would overwrite each other on the worker
+    twin = tmp_path / "other" / "ttbar.root"
+    twin.parent.mkdir()
+    twin.write_bytes(demo_files["ttbar"][0].read_bytes())
+    sections = demo_sections(demo_files)
+    sections["source"]["datasets"]["wjets"]["files"] = [str(twin)]
+    with pytest.raises(ConfigError, match="two inputs are named 'ttbar.root'"):
+        submit("convert", write_pipeline(tmp_path / "b", sections), transfer_inputs=True)
+    with pytest.raises(ConfigError, match="transfer_inputs is for HTCondor"):
+        submit("convert", pipeline, scheduler="slurm", dry_run=True, transfer_inputs=True)
+
+
+@pytest.mark.slow
+def test_wrapper_as_htcondor_runs_it(tmp_path, demo_files):
+    """The start dir HTCondor makes: the transferred config and inputs, $_CONDOR_SCRATCH_DIR."""
+    pipeline = write_pipeline(tmp_path / "ana", demo_sections(demo_files))
+    job = submit("convert", pipeline, dry_run=True, transfer_inputs=True)
+    start = tmp_path / "condor_scratch"
+    start.mkdir()
+    shutil.copy(Path(job.job_dir) / "config.yaml", start)
+    for name in ("ttbar", "wjets"):
+        shutil.copy(demo_files[name][0], start)
+    env = {**os.environ, "_CONDOR_SCRATCH_DIR": str(start)}
+    done = subprocess.run(
+        ["bash", str(job.wrapper)], cwd=start, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout
+    dest = tmp_path / "ana" / "out" / "demo.h5"
+    assert f"cmsml-job: out0/demo.h5 -> {dest}" in done.stdout
+    import h5py
+
+    with h5py.File(dest) as f:
+        assert len(f["label"]) > 100
+    # the job's own scratch is gone; HTCondor cleans its start dir itself
+    assert sorted(p.name for p in start.iterdir()) == ["config.yaml"]
 
 
 # --------------------------------------------------------------------------- errors

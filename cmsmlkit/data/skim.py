@@ -876,8 +876,10 @@ class Skimmer:
 
     Notes
     -----
-    coffea shows a progress bar; set the environment variable
-    ``CMSMLKIT_PROGRESS=0`` to hide it (e.g. in batch logs). Files written by
+    A progress bar counts the chunks (tqdm: text in a terminal, a widget in a
+    notebook); set the environment variable ``CMSMLKIT_PROGRESS=0`` to hide it
+    (e.g. in batch logs). Per-dataset ``cuts`` and ``lumi_mask`` come with the
+    fileset metadata (``NanoAODSource`` puts them there). Files written by
     uproot with one counter per jagged branch (``nJet_pt``) work as well as
     CMSSW-written NanoAOD.
 

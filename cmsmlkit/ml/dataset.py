@@ -802,19 +802,42 @@ class _Batches:
         return tuple(t[index] for t in self.tensors)
 
 
-def _memory_loader(tensors: Sequence[Any], batch_size: int, *, shuffle: bool, seed: int) -> Any:
+class _EpochBatches:
+    """Batches of indices: a permutation seeded by (seed, epoch) when shuffling, else in order."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, epoch: Any) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = (
+            n,
+            batch_size,
+            shuffle,
+            seed,
+            epoch,
+        )
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed * 1_000_003 + int(self.epoch.item()))
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+def _memory_loader(
+    tensors: Sequence[Any], batch_size: int, *, shuffle: bool, seed: int, epoch: Any
+) -> Any:
     """A DataLoader over in-memory tensors that slices batches instead of collating single rows."""
-    import torch
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+    from torch.utils.data import DataLoader
 
     data = _Batches(*tensors)
-    if shuffle:
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        sampler: Any = RandomSampler(data, generator=generator)  # type: ignore[arg-type]
-    else:
-        sampler = SequentialSampler(data)  # type: ignore[arg-type]
-    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+    batches = _EpochBatches(len(data), batch_size, shuffle, seed, epoch)
     return DataLoader(data, sampler=batches, batch_size=None, num_workers=0)  # type: ignore[arg-type]
 
 
@@ -1203,7 +1226,11 @@ class HDF5DataModule(_lightning_datamodule()):  # type: ignore[misc]
         self.setup()
         if self.mode == "memory":
             return _memory_loader(
-                self._tensors[split], self.batch_size, shuffle=shuffle, seed=self.seed
+                self._tensors[split],
+                self.batch_size,
+                shuffle=shuffle,
+                seed=self.seed,
+                epoch=self._epoch,
             )
         stream = _block_stream_class()(self, SPLITS.index(split), shuffle)
         return DataLoader(

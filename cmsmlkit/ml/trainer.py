@@ -63,6 +63,8 @@ _QUIET_WARNINGS = (
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*predict_dataloader.*",
     r".*treespec, LeafSpec.*",
+    # the block loader gives each worker its own blocks, so its length is exact
+    r".*`IterableDataset` has `__len__` defined.*",
 )
 #: The accelerator names Lightning knows ("gpu" and "cuda" are the same on NVIDIA machines).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -186,13 +188,17 @@ class _History(pl.Callback):
 
 
 class _EpochSeed(pl.Callback):
-    """Tells the DataModule the epoch, so each epoch's shuffle is seeded (and the same on resume)."""
+    """Seeds each epoch from (seed, epoch): the DataModule's shuffle and torch's random numbers
+    (dropout), so a training resumed after an interruption continues exactly as it would have."""
 
-    def __init__(self, datamodule: HDF5DataModule) -> None:
+    def __init__(self, datamodule: HDF5DataModule, seed: int) -> None:
         self.datamodule = datamodule
+        self.seed = seed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.datamodule.set_epoch(trainer.current_epoch)
+        epoch = trainer.current_epoch
+        self.datamodule.set_epoch(epoch)
+        torch.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
 
 
 @contextlib.contextmanager
@@ -492,8 +498,16 @@ class Trainer:
                 monitor=config.monitor,
                 mode=mode,
                 save_top_k=1,
-                save_last=True,
-                # after _History has recorded the epoch, so a resumed history is complete
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
+            # every epoch, whether it improved or not: what an interrupted training resumes from
+            # (saved at the end of the epoch, after _History has recorded it)
+            last = ModelCheckpoint(
+                dirpath=directory,
+                filename="last",
+                monitor=None,
+                save_top_k=1,
                 save_on_train_epoch_end=True,
                 enable_version_counter=False,
             )
@@ -513,7 +527,7 @@ class Trainer:
                     precision=precision,
                     gradient_clip_val=config.gradient_clip,
                     gradient_clip_algorithm="norm",
-                    callbacks=[history, _EpochSeed(dm), *callbacks, early, checkpoint],
+                    callbacks=[history, _EpochSeed(dm, config.seed), *callbacks, early, checkpoint, last],
                     logger=handle.lightning_logger(),
                     default_root_dir=directory,
                     enable_progress_bar=sys.stderr.isatty(),

@@ -72,10 +72,14 @@ def run_client(server, tmp_path: Path, body: str) -> dict:
     return json.loads(result_path.read_text())
 
 
-def test_skim_over_root_equals_the_local_skim(xrootd_server, served, nanoaod_dir, tmp_path):  # noqa: F811
-    # the client lists the files as /store paths in a text file, read through the redirector
+@pytest.fixture(scope="module")
+def remote(xrootd_server, served, tmp_path_factory):  # noqa: F811
+    """One client run in the server's namespace: resolve, count, open, skim over root://."""
+    tmp_path = tmp_path_factory.mktemp("xrootd_client")
+    # the ttbar files are listed as /store paths in a text file, read through the redirector
     listing = tmp_path / "tt_files.txt"
     listing.write_text(f"# ttbar\n{served['tt']}\n")
+    missing = xrootd_server.url_for("/store/mc/Test/DY/NANOAODSIM/v1/gone.root")
     out = run_client(
         xrootd_server,
         tmp_path,
@@ -95,41 +99,7 @@ def test_skim_over_root_equals_the_local_skim(xrootd_server, served, nanoaod_dir
             selection=SELECTION, collections=COLLECTIONS, output="{tmp_path / "remote"}",
             chunksize=64,
         ).run(source)
-        """,
-    )
-    dy_url = f"root://127.0.0.1:1094//{served['dy'].lstrip('/')}"
-    tt_url = f"root://127.0.0.1:1094//{served['tt'].lstrip('/')}"
-    assert out["files"] == {"dy": [dy_url], "tt": [tt_url]}
-    assert out["nevents"] == {"dy": {dy_url: 40}, "tt": {tt_url: 200}}
-    assert out["open_events"][0] == 200
-    remote = SkimResult.load(tmp_path / "remote")
-    local = Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=64).run(
-        {
-            "dy": {
-                "files": {str(nanoaod_dir / "nano_dy.root"): "Events"},
-                "metadata": {"label": "background"},
-            },
-            "tt": {
-                "files": {str(nanoaod_dir / "nano_tt_v12.root"): "Events"},
-                "metadata": {"label": "signal"},
-            },
-        }
-    )
-    assert remote.metadata["tt"]["files"] == [tt_url]
-    assert remote.metadata["tt"]["xsec"] == 833.9
-    assert remote.cutflow == local.cutflow
-    assert remote.cutflow["tt"]["all"]["events"] == 200
-    for ds in ("dy", "tt"):
-        assert len(remote.arrays[ds]) == len(local.arrays[ds]) > 0
-        assert ak.to_list(remote.arrays[ds]) == ak.to_list(local.arrays[ds])
 
-
-def test_missing_remote_file_is_reported_or_skipped(xrootd_server, served, tmp_path):  # noqa: F811
-    missing = xrootd_server.url_for("/store/mc/Test/DY/NANOAODSIM/v1/gone.root")
-    out = run_client(
-        xrootd_server,
-        tmp_path,
-        f"""
         files = ["{xrootd_server.url_for(served["dy"])}", "{missing}"]
         try:
             Skimmer(selection=SELECTION, collections=COLLECTIONS).run({{"dy": files}})
@@ -142,6 +112,44 @@ def test_missing_remote_file_is_reported_or_skipped(xrootd_server, served, tmp_p
         out["events"] = result.cutflow["dy"]["all"]["events"]
         """,
     )
+    return {"out": out, "skim": tmp_path / "remote", "missing": missing}
+
+
+def test_skim_over_root_equals_the_local_skim(remote, served, nanoaod_dir):
+    out = remote["out"]
+    dy_url = f"root://127.0.0.1:1094//{served['dy'].lstrip('/')}"
+    tt_url = f"root://127.0.0.1:1094//{served['tt'].lstrip('/')}"
+    assert out["files"] == {"dy": [dy_url], "tt": [tt_url]}
+    assert out["nevents"] == {"dy": {dy_url: 40}, "tt": {tt_url: 200}}
+    import uproot
+
+    with uproot.open(nanoaod_dir / "nano_tt_v12.root") as file:
+        first_muon_pt = float(file["Events"]["Muon_pt"].array()[0][0])
+    assert out["open_events"] == [200, pytest.approx(first_muon_pt)]
+    skim = SkimResult.load(remote["skim"])
+    local = Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=64).run(
+        {
+            "dy": {
+                "files": {str(nanoaod_dir / "nano_dy.root"): "Events"},
+                "metadata": {"label": "background"},
+            },
+            "tt": {
+                "files": {str(nanoaod_dir / "nano_tt_v12.root"): "Events"},
+                "metadata": {"label": "signal"},
+            },
+        }
+    )
+    assert skim.metadata["tt"]["files"] == [tt_url]
+    assert skim.metadata["tt"]["xsec"] == 833.9
+    assert skim.cutflow == local.cutflow
+    assert skim.cutflow["tt"]["all"]["events"] == 200
+    for ds in ("dy", "tt"):
+        assert len(skim.arrays[ds]) == len(local.arrays[ds]) > 0
+        assert ak.to_list(skim.arrays[ds]) == ak.to_list(local.arrays[ds])
+
+
+def test_missing_remote_file_is_reported_or_skipped(remote):
+    out, missing = remote["out"], remote["missing"]
     assert out["error"].startswith(f"cannot read {missing} as a ROOT file (")
     assert "set skim.skip_bad_files: true" in out["error"]
     assert list(out["skipped"]["dy"]) == [missing]

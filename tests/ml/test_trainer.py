@@ -604,7 +604,7 @@ from mlflow_server import mlflow_server  # noqa: E402,F401
 
 
 @pytest.mark.slow
-def test_tracking_to_a_real_mlflow_server(binary_file, tmp_path, mlflow_server):
+def test_tracking_to_a_real_mlflow_server(binary_file, tmp_path, mlflow_server):  # noqa: F811
     import mlflow
 
     result = quick(
