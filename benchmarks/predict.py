@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.data or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bundle, t_train = _timed(lambda: _train(work))
-        print(f"trained a small bundle in {t_train:.1f} s: {bundle}")
+        if (work / "model" / "bundle.json").is_file():  # --data DIR of an earlier run
+            bundle = work / "model"
+        else:
+            bundle, t_train = _timed(lambda: _train(work))
+            print(f"trained a small bundle in {t_train:.1f} s: {bundle}")
         nano = work / f"new_{args.events}.root"
         if not nano.exists():
             _, t_gen = _timed(lambda: toy.write_nanoaod(nano, "new", args.events, seed=11))
@@ -132,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         _, t_plain = _timed(plain)
 
         predictor = Predictor.from_bundle(bundle, formats=["friend"], rerun=True)
+        _ = predictor.skimmer  # imports coffea once, as the baseline imported uproot
         report, t_pred = _timed(lambda: predictor.predict_files([str(nano)], work / "scores"))
         assert len(report.scored) == 1
+        with_onnx = Predictor.from_bundle(bundle, formats=["friend"], rerun=True, backend="onnx")
+        _, t_pred_onnx = _timed(lambda: with_onnx.predict_files([str(nano)], work / "scores"))
 
         b = predictor.bundle
         from cmsmlkit.ml.dataset import feature_matrix
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ratio Predictor / plain read           : {rate_pred / rate_plain:12.2f}  (aim >= 0.5)"
         )
+        print(f"Predictor end to end, ONNX Runtime     : {n / t_pred_onnx:12,.0f} events/s")
+        print(f"ratio Predictor (ONNX) / plain read    : {t_plain / t_pred_onnx:12.2f}")
         print(f"model alone, torch (1 thread)          : {len(Z) / t_torch:12,.0f} events/s")
         print(f"model alone, ONNX Runtime (1 thread)   : {len(Z) / t_onnx:12,.0f} events/s")
         print(f"ratio ONNX Runtime / torch             : {t_torch / t_onnx:12.2f}")

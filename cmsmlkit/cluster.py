@@ -160,10 +160,9 @@ def jobqueue_cluster(config: ClusterConfig | dict[str, Any]) -> JobQueueCluster:
         "local_directory": config.local_directory,
         "log_directory": config.log_directory,
         "job_script_prologue": _environment(config),
-        "dashboard_address": None,
-        "silence_logs": "error",
     }
     common = {k: v for k, v in common.items() if v is not None}
+    scheduler: dict[str, Any] = {"dashboard_address": None}  # as LocalCluster: no web server
     if config.type == "slurm":
         if config.container:
             raise ConfigError(
@@ -179,13 +178,16 @@ def jobqueue_cluster(config: ClusterConfig | dict[str, Any]) -> JobQueueCluster:
             account=config.account,
             walltime=config.walltime or "01:00:00",
             job_extra_directives=list(directives),
+            scheduler_options=scheduler,
+            silence_logs="error",
             **common,
         )
     return dask_jobqueue.HTCondorCluster(
         disk=config.disk or f"{2 * cores}GB",
         job_extra_directives=_condor_directives(config),
         worker_extra_args=[f"--{kind}-port={_port_range(config)}" for kind in ("worker", "nanny")],
-        scheduler_options={"port": _free_port(config)},
+        scheduler_options={**scheduler, "port": _free_port(config)},
+        silence_logs="error",
         **common,
     )
 

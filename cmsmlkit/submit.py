@@ -63,14 +63,6 @@ __all__ = [
 #: What can be submitted: every stage, and ``run`` for the whole pipeline.
 SUBMIT_STAGES = (*STAGES, "run")
 
-_SECTION_OUTPUT = {
-    "skim": "skim",
-    "convert": "convert",
-    "train": "train",
-    "tune": "tune",
-    "predict": "predict",
-}
-
 
 class SubmitError(CmsmlError, RuntimeError):
     """A job could not be written or submitted (scheduler missing, submission refused)."""
@@ -279,12 +271,8 @@ class Job:
 def _found(dest: str) -> list[str]:
     if dest.startswith("root://"):
         match = re.match(r"^(root://[^/]+)/(/.*)$", dest)
-        if not match or shutil.which("xrdfs") is None:
-            return []
-        done = subprocess.run(
-            ["xrdfs", match[1], "stat", match[2]], capture_output=True, text=True, check=False
-        )
-        return [dest] if done.returncode == 0 else []
+        found = match and _run_tool(["xrdfs", match[1], "stat", match[2]]) is not None
+        return [dest] if found else []
     path = Path(dest)
     if path.is_file():
         return [str(path)]
@@ -325,15 +313,16 @@ _SLURM_STATES = {
 
 
 def _slurm_state(job_id: str) -> str | None:
-    words = [
-        _run_tool(["squeue", "-h", "-j", job_id, "-o", "%T"]),
-        _run_tool(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]),
-    ]
-    shown = _run_tool(["scontrol", "show", "job", job_id])
-    if shown:
-        match = re.search(r"JobState=(\S+)", shown)
-        words.append(match[1] if match else None)
-    for word in words:
+    """squeue (queued or running), else sacct (accounting), else scontrol (recently ended)."""
+    asks = (
+        lambda: _run_tool(["squeue", "-h", "-j", job_id, "-o", "%T"]),
+        lambda: _run_tool(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]),
+        lambda: "".join(
+            re.findall(r"JobState=(\S+)", _run_tool(["scontrol", "show", "job", job_id]) or "")
+        ),
+    )
+    for ask in asks:
+        word = ask()
         if word:
             state = word.split()[0].upper().rstrip("+")
             return _SLURM_STATES.get(state, state.lower())
@@ -476,7 +465,7 @@ class _Plan:
                 "somewhere; set skim.output (a directory), or submit 'convert' instead."
             )
         # outputs first, so that inputs written by an earlier stage of the same job map to scratch
-        for index, section in enumerate(s for s in self.stages if s in _SECTION_OUTPUT):
+        for index, section in enumerate(self.stages):  # every stage has an `output:`
             value = getattr(getattr(cfg, section), "output", None)
             if value is None:
                 continue

@@ -785,6 +785,7 @@ def test_slurm_training_job_leaves_its_bundle(slurm_cluster, demo_chain, tmp_pat
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_slurm_job_with_a_broken_config_fails(slurm_cluster, tmp_path, registry):  # noqa: F811
     # valid YAML and real inputs, but not HDF5: the training stage itself fails on the node
     fake = tmp_path / "data.h5"

@@ -78,6 +78,7 @@ __all__ = [
     "FileScores",
     "add_scores",
     "align_events",
+    "score_names",
     "export_cmssw",
     "CMSSW_FORMAT_VERSION",
 ]
@@ -859,7 +860,7 @@ class Predictor:
         results: dict[int, dict[str, Any]] = {}
         todo: list[int] = []
         for i, job in enumerate(jobs):
-            job.key = _job_key(state, job)
+            job.key = _job_key({**state, "histograms": histograms}, job)
             done = None if self.config.rerun else _finished(job)
             if done is not None:
                 results[i] = {**done, "status": "reused"}
@@ -938,7 +939,9 @@ class Predictor:
         }
         if histograms:
             h = self._fill(result)
-            summary["hist"] = {"values": h.values().tolist(), "variances": h.variances().tolist()}
+            variances = h.variances()
+            assert variances is not None  # Weight storage
+            summary["hist"] = {"values": h.values().tolist(), "variances": variances.tolist()}
         _write_json(_marker(job), {**summary, "key": job.key})
         log.info("%s: %d of %d events scored", job.path, len(result.scores), result.n_input)
         return summary
@@ -974,7 +977,7 @@ class Predictor:
             meta = entry["metadata"]
             parts = [s for s in by_dataset.get(dataset, []) if s["status"] != "failed"]
             h = self._empty_hist()
-            view = h.view()
+            view: Any = h.view()
             sumw = 0.0
             for part in parts:
                 view["value"] += np.asarray(part["hist"]["values"])

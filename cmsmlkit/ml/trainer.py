@@ -196,9 +196,15 @@ class _EpochSeed(pl.Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        self.datamodule.set_epoch(epoch)
-        torch.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        self.datamodule.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # at the first batch, after the loader's iterator has drawn its own seed (a resumed
+        # training may create that iterator at another moment)
+        if batch_idx == 0:
+            torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch) % 2**63)
 
 
 @contextlib.contextmanager

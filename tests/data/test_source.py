@@ -246,6 +246,7 @@ def fake_dasgoclient(directory: Path, script: str, name: str = "dasgoclient") ->
 
 def write_proxy(path: Path, hours_left: float) -> Path:
     """A proxy-like PEM file: a self-signed certificate valid until now + hours_left, and its key."""
+    pytest.importorskip("cryptography", reason="pip install cryptography (the test extra)")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
