@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8, help="epochs per trial at most")
     parser.add_argument("--patience", type=int, default=3, help="early-stopping patience")
     parser.add_argument(
+        "--warmup", type=int, default=1, help="median pruner: epochs before a trial can be pruned"
+    )
+    parser.add_argument(
         "--throughput-trials", type=int, default=8, help="trials per throughput study"
     )
     parser.add_argument("--workdir", help="keep the outputs here instead of a temp dir")
@@ -139,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         for pruner in ["none", *args.pruners.split(",")]:
             start = time.perf_counter()
             tuner = Tuner(
-                output=str(work / f"prune-{pruner}"), train=train, pruner=pruner, **common
+                output=str(work / f"prune-{pruner}"),
+                train=train,
+                pruner=pruner,
+                pruner_warmup_epochs=args.warmup,
+                **common,
             )
             results[pruner] = result = tuner.run()
             print(

@@ -177,3 +177,43 @@ def test_save_figure_writes_png_and_pdf(tmp_path, binary):
     assert paths[1].read_bytes()[:5] == b"%PDF-"
     assert all(p.stat().st_size > 1000 for p in paths)
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["roc.pdf", "roc.png"]
+
+
+def test_overtraining_figure_overlays_train_and_test():
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 500)
+    p_sig = np.clip(np.where(y == 0, rng.beta(5, 2, 1000), rng.beta(2, 5, 1000)), 0, 1)
+    proba = np.column_stack([p_sig, 1 - p_sig])
+    # test: the same distributions (another sample); shifted: an overtrained-looking test sample
+    p_test = np.clip(np.where(y == 0, rng.beta(5, 2, 1000), rng.beta(2, 5, 1000)), 0, 1)
+    fig = plots.overtraining_figure(y, proba, y, np.column_stack([p_test, 1 - p_test]), BINARY)
+    (ax,) = fig.axes
+    texts = legend_texts(ax)
+    assert texts[0] == "signal train" and texts[2] == "background train"
+    assert texts[1].startswith("signal test (KS p = ") and texts[3].startswith("background test")
+    assert all(float(t.split("= ")[1][:-1]) > 0.01 for t in (texts[1], texts[3]))
+    assert cms_label(ax) == ["CMS", "Simulation Preliminary"]
+    assert ax.get_xlabel() == "P(signal)"
+    # the filled training histograms have unit area
+    fills = [
+        c
+        for c in ax.collections
+        if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+    ]
+    assert len(fills) == 2
+    shifted = np.column_stack([np.clip(p_test * 0.5, 0, 1), 1 - np.clip(p_test * 0.5, 0, 1)])
+    bad = plots.overtraining_figure(y, proba, y, shifted, BINARY)
+    assert float(legend_texts(bad.axes[0])[1].split("= ")[1][:-1]) < 0.01
+
+
+def test_overtraining_figure_multiclass_and_weights(three):
+    y, proba = three
+    w = np.linspace(0.5, 1.5, len(y))
+    fig = plots.overtraining_figure(y, proba, y, proba, THREE, train_weights=w, test_weights=w)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["P(ttbar)", "P(wjets)", "P(dy)"]
+    for ax in fig.axes:
+        assert len(legend_texts(ax)) == 6
+        # identical train and test samples: KS p = 1
+        assert all(t.endswith("(KS p = 1.00)") for t in legend_texts(ax)[1::2])
+    with pytest.raises(ValueError, match="proba has 2 columns but 3 class names"):
+        plots.overtraining_figure(y, proba[:, :2], y, proba, THREE)

@@ -583,6 +583,29 @@ def test_wrapper_as_htcondor_runs_it(tmp_path, demo_files):
     assert sorted(p.name for p in start.iterdir()) == ["config.yaml"]
 
 
+def test_submit_section_round_trips_through_yaml(tmp_path):
+    from cmsmlkit.config import SubmitConfig, load_config
+
+    text = (
+        "submit:\n  scheduler: slurm\n  gpus: 1\n  memory: 8GB\n  max_runtime: 12h\n"
+        "  partition: gpu\n  requeue: true\n  binds: [/eos, /afs]\n"
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.submit == SubmitConfig(
+        scheduler="slurm",
+        gpus=1,
+        memory="8GB",
+        max_runtime="12h",
+        partition="gpu",
+        requeue=True,
+        binds=["/eos", "/afs"],
+    )
+    assert yaml.safe_load(cfg.to_yaml()) == yaml.safe_load(text)
+    assert cfg.submit.job_flavour == "workday" and cfg.submit.cpus == 1
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -786,59 +786,29 @@ class _Moments:
 SPLITS = ("train", "val", "test")
 
 
-class _Batches:
-    """In-memory tensors served one whole batch at a time (a batch of indices in, a batch out)."""
-
-    def __init__(self, *tensors: Any) -> None:
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors[0])
-
-    def __getitem__(self, index: Any) -> tuple[Any, ...]:
-        import torch
-
-        index = torch.as_tensor(index)
-        return tuple(t[index] for t in self.tensors)
-
-
-class _EpochBatches:
-    """Batches of indices: a permutation seeded by (seed, epoch) when shuffling, else in order."""
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, epoch: Any) -> None:
-        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = (
-            n,
-            batch_size,
-            shuffle,
-            seed,
-            epoch,
-        )
-
-    def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def __iter__(self) -> Any:
-        import torch
-
-        if self.shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(self.seed * 1_000_003 + int(self.epoch.item()))
-            order = torch.randperm(self.n, generator=generator)
-        else:
-            order = torch.arange(self.n)
-        for start in range(0, self.n, self.batch_size):
-            yield order[start : start + self.batch_size]
-
-
 def _memory_loader(
     tensors: Sequence[Any], batch_size: int, *, shuffle: bool, seed: int, epoch: Any
 ) -> Any:
-    """A DataLoader over in-memory tensors that slices batches instead of collating single rows."""
-    from torch.utils.data import DataLoader
+    """A DataLoader over in-memory tensors: each epoch one seeded permutation of all rows
+    (one gather), then contiguous slices as batches."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
 
-    data = _Batches(*tensors)
-    batches = _EpochBatches(len(data), batch_size, shuffle, seed, epoch)
-    return DataLoader(data, sampler=batches, batch_size=None, num_workers=0)  # type: ignore[arg-type]
+    class MemoryStream(IterableDataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return max(1, -(-len(tensors[0]) // batch_size))
+
+        def __iter__(self) -> Any:
+            data = tensors
+            if shuffle:
+                generator = torch.Generator()
+                generator.manual_seed(seed * 1_000_003 + int(epoch.item()))
+                order = torch.randperm(len(tensors[0]), generator=generator)
+                data = [t[order] for t in tensors]
+            for start in range(0, len(data[0]), batch_size):
+                yield tuple(t[start : start + batch_size] for t in data)
+
+    return DataLoader(MemoryStream(), batch_size=None, num_workers=0)
 
 
 class _BlockReader:

@@ -293,6 +293,7 @@ class _Scorer:
         self.batch_size = batch_size
         self.device = _resolve_device(device)
         self._session: Any = None
+        self._net: Any = None
         if backend == "onnx":
             self._session = _onnx_session(bundle, self.device)
 
@@ -314,12 +315,35 @@ class _Scorer:
 
     def __call__(self, columns: Mapping[str, Any], source: str = "the input") -> np.ndarray:
         self.check(columns, source)
-        if self._session is None:
-            kwargs: dict[str, Any] = {"batch_size": self.batch_size}
-            if self.device != "cpu" and _accepts(self.bundle.predict_proba, "device"):
+        if self._session is not None:
+            return self._onnx(columns)
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size}
+        if self.device != "cpu":
+            if _accepts(self.bundle.predict_proba, "device"):
                 kwargs["device"] = self.device
-            return np.asarray(self.bundle.predict_proba(columns, **kwargs), dtype=np.float32)
-        return self._onnx(columns)
+            elif hasattr(self.bundle, "rows"):
+                return self._torch_on_device(columns)
+        return np.asarray(self.bundle.predict_proba(columns, **kwargs), dtype=np.float32)
+
+    def _torch_on_device(self, columns: Mapping[str, Any]) -> np.ndarray:
+        """The network on a GPU: the bundle's input rows, its probabilities (as predict_proba)."""
+        import copy
+
+        import torch
+
+        from . import bundle as bundle_module
+
+        if self._net is None:
+            self._net = copy.deepcopy(self.bundle.model()).to(self.device).eval()
+        n = len(columns[self.bundle.features[0].path])
+        out = np.empty((n, len(self.bundle.class_names)), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, n, self.batch_size):
+                rows = slice(start, min(start + self.batch_size, n))
+                x = torch.from_numpy(self.bundle.rows(columns, rows)).to(self.device)
+                logits = self._net(x).cpu()
+                out[rows] = bundle_module.probabilities(logits, out.shape[1]).numpy()
+        return out
 
     def _onnx(self, columns: Mapping[str, Any]) -> np.ndarray:
         from .dataset import check_finite, feature_matrix

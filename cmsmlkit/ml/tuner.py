@@ -12,8 +12,9 @@ rerun resumes the stored study; a trial left running by a dead worker (no
 heartbeat for three ``tune.heartbeat`` periods) is marked failed and retried
 with the same parameters. With tracking enabled the study is an MLflow run and
 each trial a nested run with its parameters and per-epoch curves. The best
-trial's bundle is copied to ``<output>/best``, the study summarised in
-``<output>/study.json`` and its figures drawn in ``<output>/figures``.
+trial's configuration is retrained (seeded: the same model) into the bundle
+``<output>/best``, the study summarised in ``<output>/study.json`` and its
+figures drawn in ``<output>/figures``.
 
 >>> from cmsmlkit import Tuner
 >>> tuner = Tuner(n_trials=5, output="tune", train={"inputs": ["demo.h5"]},
@@ -525,7 +526,11 @@ class Tuner:
     # ------------------------------------------------------------------ the study
 
     def run(self) -> TuneResult:
-        """Run (or resume) the study and copy the best trial's bundle to ``<output>/best``.
+        """Run (or resume) the study; the best trial is retrained into the bundle ``<output>/best``.
+
+        Trials start until ``n_trials`` of them are complete or pruned, the time
+        budget is spent or the target is reached; ``<output>/study.json`` and the
+        figures in ``<output>/figures`` summarise the study.
 
         Returns
         -------
