@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -12,7 +13,14 @@ import pytest
 from cmsmlkit.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["demo", "run", "skim", "convert", "train", "tune", "predict"])
+COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_the_chain_has_its_commands():
+    assert {"demo", "run", "skim", "convert", "train", "tune", "predict"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -27,12 +35,13 @@ def test_top_level_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("demo", "run", "skim", "convert", "train", "tune", "predict"):
+    for command in COMMANDS:
         assert command in out
 
 
 def test_console_script_is_installed():
-    out = subprocess.run(["cmsml", "--version"], capture_output=True, text=True, check=True)
+    cmsml = Path(sys.executable).parent / "cmsml"  # the venv's script, whether or not it is on PATH
+    out = subprocess.run([str(cmsml), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("cmsmlkit ")
 
 
