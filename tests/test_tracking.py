@@ -1,4 +1,5 @@
-"""MLflow tracking: runs, params, metrics, figures, nesting and failure in a real SQLite store."""
+"""MLflow tracking: runs, params, metrics, figures, nesting and failure in a real SQLite store,
+and the same against a real ``mlflow server`` on loopback (tests/mlflow_server.py)."""
 
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ def store(tmp_path_factory):
     }
 
 
-def _make_runs(directory: Path) -> dict[str, str]:
-    config = TrackingConfig(experiment="test-exp")
+def _make_runs(directory: Path, uri: str | None = None) -> dict[str, str]:
+    config = TrackingConfig(experiment="test-exp", uri=uri)
     bundle = directory / "bundle"
     bundle.mkdir()
     (bundle / "bundle.json").write_text("{}")
@@ -236,3 +237,32 @@ def test_bad_store_error_masks_the_password(tmp_path, caplog):
     assert "tracking.enabled: false" in message
     assert "s3cret" not in message
     assert "s3cret" not in caplog.text
+
+
+# --------------------------------------------------------------------------- a real server
+
+from mlflow_server import mlflow_server  # noqa: E402,F401
+
+
+@pytest.mark.slow
+def test_the_same_runs_on_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
+    import mlflow
+
+    ids = _make_runs(tmp_path, uri=mlflow_server.uri)
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    run = client.get_run(ids["parent"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden"] == "[8, 8]"
+    assert [(m.step, m.value) for m in client.get_metric_history(ids["parent"], "val_auc")] == [
+        (0, 0.8),
+        (2, 0.9),
+    ]
+    assert run.data.metrics["lightning_metric"] == 2.5
+    assert [a.path for a in client.list_artifacts(ids["parent"], "figures")] == ["figures/loss.png"]
+    assert [a.path for a in client.list_artifacts(ids["parent"], "model")] == ["model/bundle.json"]
+    child = client.get_run(ids["child"])
+    assert child.data.tags["mlflow.parentRunId"] == ids["parent"]
+    assert client.get_run(ids["failed"]).info.status == "FAILED"
+    # nothing was written locally: no SQLite file beside the runs, the server stored the artifacts
+    assert not (tmp_path / "mlflow.db").exists()
+    assert list((mlflow_server.directory / "artifacts").rglob("loss.png"))

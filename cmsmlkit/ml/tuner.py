@@ -624,13 +624,10 @@ class Tuner:
             while len(running) < slots and stop(len(running)) is None:
                 idle = [w for w in workers if w not in running.values()]
                 worker = idle[0] if idle else None
-                future = client.submit(
-                    self._run_trial,
-                    task(),
-                    pure=False,
-                    workers=[worker] if worker else None,
-                    allow_other_workers=True,
-                )
+                # an idle worker is asked for (loosely: it may be gone); on a batch cluster
+                # whose jobs have not started yet, the scheduler places the trial
+                where = {"workers": [worker], "allow_other_workers": True} if worker else {}
+                future = client.submit(self._run_trial, task(), pure=False, **where)
                 running[future] = worker
             if not running:
                 return
