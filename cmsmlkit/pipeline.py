@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: The sections each stage needs, besides its own.
 _NEEDS: dict[str, tuple[str, ...]] = {
     "skim": ("source", "skim"),
-    "convert": ("source", "convert"),
+    "convert": ("convert",),
     "train": ("train",),
     "tune": ("train", "tune"),
     "predict": ("predict",),
@@ -128,8 +128,14 @@ class Pipeline:
             value = getattr(cfg, key, None)
             if isinstance(value, str):
                 update[key] = str(self.path(value))
-        if getattr(cfg, "inputs", None):
-            update["inputs"] = self._files(cfg.inputs)
+        inputs = getattr(cfg, "inputs", None)
+        if isinstance(inputs, dict):  # convert: {label: [files]}
+            update["inputs"] = {label: self._files(files) for label, files in inputs.items()}
+        elif inputs:
+            update["inputs"] = self._files(inputs)
+        for key in ("val_inputs", "test_inputs"):
+            if getattr(cfg, key, None):
+                update[key] = self._files(getattr(cfg, key))
         return cfg.model_copy(update=update)
 
     # ------------------------------------------------------------------ stamps
@@ -192,6 +198,12 @@ class Pipeline:
             if stage not in STAGES:
                 raise ConfigError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}.")
             missing = [s for s in _NEEDS[stage] if getattr(self.config, s) is None]
+            if (
+                stage == "convert"
+                and self.config.source is None
+                and not (self.config.convert is not None and self.config.convert.inputs)
+            ):
+                missing.append("source")
             if missing:
                 raise ConfigError(
                     f"stage '{stage}' needs the section(s) {', '.join(repr(m + ':') for m in missing)} "
@@ -235,9 +247,13 @@ class Pipeline:
         from .data.hdf5 import HDF5Writer
 
         cfg = self._resolved("convert")
-        data = self._skim() if self.config.skim is not None else self._source().fileset()
-        path = HDF5Writer(cfg).write(data, skim_config=self.config.skim)
-        return [Path(path)], path
+        writer = HDF5Writer(cfg, cluster=self.config.cluster)
+        if self.config.skim is not None:
+            path = writer.write(self._skim(), skim_config=self.config.skim)
+            return [Path(path)], path
+        # No selection: stream the NanoAOD files straight into HDF5.
+        result = writer.convert(self._source().fileset() if cfg.inputs == {} else None)
+        return list(result.outputs), result
 
     def _train_config(self) -> Any:
         cfg = self._resolved("train")
@@ -270,7 +286,7 @@ class Pipeline:
         cfg = self._resolved("predict")
         if not cfg.inputs:
             raise ConfigError("predict.inputs is empty: list the NanoAOD or HDF5 files to score.")
-        predictor = Predictor.from_bundle(cfg.bundle, config=cfg)
+        predictor = Predictor.from_bundle(cfg.bundle, config=cfg, cluster=self.config.cluster)
         paths = predictor.predict_files(cfg.inputs, cfg.output)
         return [Path(p) for p in paths], paths
 

@@ -144,3 +144,22 @@ def test_every_stage_on_real_nanoaod(tmp_path, nanoaod_dir):
     ):
         assert 0 < len(f["scores"]) <= 40 and f["scores"].shape[1] == 2
         assert empty["scores"].shape == (0, 2)
+
+
+def test_convert_without_a_skim_streams_nanoaod(pipeline_dir):
+    """With no ``skim:`` section the convert stage reads the NanoAOD files directly."""
+    import h5py
+
+    config = load_config(pipeline_dir / "pipeline.yaml")
+    config.skim = None
+    config.convert.objects = ["Jet"]
+    config.convert.scalars = ["MET_pt"]
+    config.convert.collections = {"Jet": {"max_len": 4, "fields": ["pt", "eta"]}}
+    result = Pipeline(config, base_dir=pipeline_dir).run(["convert"])
+    (path,) = result.outputs["convert"]
+    with h5py.File(path) as f:
+        n = len(f["label"])
+        assert n == 3 * 1500  # every event of ttbar, wjets and dy: no selection
+        assert f["objects/Jet/pt"].shape == (n, 4)
+        assert f["scalars/MET_pt"].shape == (n,)
+        assert sorted(set(f["label"][:])) == [0, 1]
