@@ -119,7 +119,12 @@ class Pipeline:
             return None
         if section == "source":
             datasets = {
-                name: ds.model_copy(update={"files": self._files(ds.files)})
+                name: ds.model_copy(
+                    update={
+                        "files": self._files(ds.files),
+                        "lumi_mask": str(self.path(ds.lumi_mask)) if ds.lumi_mask else None,
+                    }
+                )
                 for name, ds in cfg.datasets.items()
             }
             return cfg.model_copy(update={"datasets": datasets})

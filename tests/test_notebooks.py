@@ -33,4 +33,4 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 
 
 def test_the_notebooks_are_there():
-    assert {"quickstart"} <= {p.stem for p in NOTEBOOKS}
+    assert {"quickstart", "skim", "predict"} <= {p.stem for p in NOTEBOOKS}
