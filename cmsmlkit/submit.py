@@ -480,8 +480,17 @@ class _Plan:
         reads = set(self.stages)
         for stage in self.stages:
             reads.update(_NEEDS[stage])
-        if "convert" in reads:
-            reads.add("skim")  # the convert stage skims in memory with the skim: selection
+        if "convert" in reads and cfg.convert is not None:
+            # convert skims in memory with the skim: selection, or streams convert.inputs
+            if cfg.skim is not None:
+                reads.update(("skim", "source"))
+            elif not cfg.convert.inputs:
+                reads.add("source")
+            elif "convert" in self.stages:
+                data["convert"]["inputs"] = {
+                    label: [self._input(f, f"convert.inputs.{label}") for f in files]
+                    for label, files in cfg.convert.inputs.items()
+                }
         if "source" in reads and cfg.source is not None:
             for name, dataset in cfg.source.datasets.items():
                 data["source"]["datasets"][name]["files"] = [
@@ -809,6 +818,13 @@ def submit(
         _seconds(config.max_runtime, "max_runtime")
     if stage != "run":
         missing = [s for s in _NEEDS[stage] if getattr(pipeline.config, s) is None]
+        convert = pipeline.config.convert
+        if (
+            stage == "convert"
+            and pipeline.config.source is None
+            and not (convert and convert.inputs)
+        ):
+            missing.append("source")
         if missing:
             raise ConfigError(
                 f"{config_path}: stage '{stage}' needs the section(s) "
