@@ -138,6 +138,12 @@ class Pipeline:
             update["inputs"] = {label: self._files(files) for label, files in inputs.items()}
         elif inputs:
             update["inputs"] = self._files(inputs)
+        storage = getattr(cfg, "storage", None)
+        if isinstance(storage, str):
+            for prefix in ("sqlite:///", "journal://"):
+                rest = storage[len(prefix) :] if storage.startswith(prefix) else None
+                if rest and not rest.startswith("/"):  # a relative file: from the YAML's directory
+                    update["storage"] = prefix + str(self.path(rest))
         for key in ("val_inputs", "test_inputs"):
             if getattr(cfg, key, None):
                 update[key] = self._files(getattr(cfg, key))

@@ -163,3 +163,16 @@ def test_convert_without_a_skim_streams_nanoaod(pipeline_dir):
         assert f["objects/Jet/pt"].shape == (n, 4)
         assert f["scalars/MET_pt"].shape == (n,)
         assert sorted(set(f["label"][:])) == [0, 1]
+
+
+def test_relative_tune_storage_is_taken_from_the_yaml_directory(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "train: {inputs: [x.h5]}\ntune: {storage: 'sqlite:///tune/study.db'}\n"
+    )
+    assert Pipeline(tmp_path / "p.yaml")._resolved("tune").storage == (
+        f"sqlite:///{tmp_path / 'tune' / 'study.db'}"
+    )
+    (tmp_path / "q.yaml").write_text("tune: {storage: 'journal://shared/study.log'}\n")
+    assert Pipeline(tmp_path / "q.yaml")._resolved("tune").storage == (
+        f"journal://{tmp_path / 'shared' / 'study.log'}"
+    )
