@@ -15,11 +15,11 @@ no ``os.setns``, and entering with ``setns`` from the pytest process would move
 only one thread and leave dask's event-loop threads behind, so the test body
 runs as a script in a subprocess started with ``nsenter --net=...``::
 
-    pytest_plugins = ["slurm_cluster"]  # in the test module: makes the fixture available
+    from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
     @pytest.mark.slurm
     @pytest.mark.slow
-    def test_on_slurm(slurm_cluster, tmp_path):
+    def test_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
         script = tmp_path / "job.py"
         script.write_text(f'''
     from cmsmlkit.cluster import dask_client
@@ -35,7 +35,8 @@ runs as a script in a subprocess started with ``nsenter --net=...``::
 runs a script with this test run's Python (``sys.executable``, so the SLURM
 jobs it submits use the same environment), ``env`` holds the variables to pass
 (``SLURM_CONF``) and ``partition`` the partition's name (the default one).
-Both helpers raise with the command's output when it fails. Run this file
+Both helpers raise with the command's output when it fails. Every module that
+imports the fixture shares one cluster per test process. Run this file
 (``python tests/slurm_cluster.py``) to start the cluster by hand for debugging.
 """
 
@@ -52,6 +53,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -286,13 +288,20 @@ def start_slurm() -> SlurmCluster:
     base = Path(tempfile.mkdtemp(prefix="cmsml-slurm-"))
     base.chmod(0o755)  # jobs and munge clients of any user read the config and socket
     cluster = SlurmCluster(
-        netns=f"cmsml-slurm-{os.getpid()}", base=base, node=socket.gethostname().split(".")[0]
+        netns=f"cmsml-slurm-{os.getpid()}-{base.name[-6:]}",
+        base=base,
+        node=socket.gethostname().split(".")[0],
     )
     try:
         return cluster.start()
     except BaseException:
         cluster.stop()
         raise
+
+
+#: The one cluster of this test process and how many fixture definitions use it: a module
+#: that imports the fixture gets its own session-scoped definition, and all must share it.
+_SHARED: dict[str, Any] = {"cluster": None, "users": 0}
 
 
 @pytest.fixture(scope="session")
@@ -306,11 +315,16 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         if os.environ.get("CMSML_REQUIRE_SERVERS"):
             pytest.fail(message + " (CMSML_REQUIRE_SERVERS is set)")
         pytest.skip(message)
-    cluster = start_slurm()
+    if _SHARED["cluster"] is None:
+        _SHARED["cluster"] = start_slurm()
+    _SHARED["users"] += 1
     try:
-        yield cluster
+        yield _SHARED["cluster"]
     finally:
-        cluster.stop()
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            _SHARED["cluster"].stop()
+            _SHARED["cluster"] = None
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ import awkward as ak
 import pytest
 import yaml
 from conftest import DEMO_SKIM
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from cmsmlkit.cluster import PROXY_FIX, WORKER_MALLOC, dask_client, grid_proxy, jobqueue_cluster
 from cmsmlkit.config import ClusterConfig, build_config, load_config
 from cmsmlkit.errors import ConfigError
-
-pytest_plugins = ["slurm_cluster"]  # the session fixture slurm_cluster
 
 VIEW = "LCG_105/x86_64-el9-gcc13-opt"
 
@@ -351,7 +350,7 @@ with open(out, "wb") as f:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_skim_on_slurm_workers_equals_the_local_skim(slurm_cluster, tmp_path):
+def test_skim_on_slurm_workers_equals_the_local_skim(slurm_cluster, tmp_path):  # noqa: F811
     from cmsmlkit import Skimmer
     from cmsmlkit.data import toy
 
