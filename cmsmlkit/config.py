@@ -725,9 +725,7 @@ class PredictConfig(BaseConfig):
         False, description="score every file again, even those finished with the same bundle"
     )
     hist_bins: int = Field(20, ge=1, description="bins of the score histograms (predict_fileset)")
-    hist_range: tuple[float, float] = Field(
-        (0.0, 1.0), description="range of the score histograms"
-    )
+    hist_range: tuple[float, float] = Field((0.0, 1.0), description="range of the score histograms")
     hist_class: str | None = Field(
         None, description="class whose score is histogrammed; default: the first class"
     )

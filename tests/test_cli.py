@@ -12,7 +12,6 @@ import pytest
 
 from cmsmlkit.cli import build_parser, main
 
-
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
