@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,12 +36,21 @@ if TYPE_CHECKING:
     from dask_jobqueue import JobQueueCluster
     from distributed import Client
 
-__all__ = ["dask_client", "jobqueue_cluster", "grid_proxy", "PROXY_FIX", "WORKER_MALLOC"]
+__all__ = [
+    "dask_client",
+    "jobqueue_cluster",
+    "grid_proxy",
+    "proxy_path",
+    "proxy_seconds_left",
+    "PROXY_FIX",
+    "WORKER_MALLOC",
+]
 
 log = logging.getLogger(__name__)
 
 #: The command that makes a GRID proxy valid for 8 days (the longest VOMS gives).
 PROXY_FIX = "voms-proxy-init -voms cms -rfc -valid 192:00"
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 _LCG_VIEWS = "/cvmfs/sft.cern.ch/lcg/views"
 
@@ -211,17 +221,17 @@ def grid_proxy(path: str | Path | None = None) -> Path:
     >>> grid_proxy()  # doctest: +SKIP
     PosixPath('/tmp/x509up_u1000')
     """
-    where = "the file you gave"
     if path is None:
-        env = os.environ.get("X509_USER_PROXY")
-        path, where = (env, "$X509_USER_PROXY") if env else (_default_proxy(), "the default")
-    proxy = Path(path).expanduser()
+        where = "$X509_USER_PROXY" if os.environ.get("X509_USER_PROXY") else "the default"
+        proxy = proxy_path()
+    else:
+        where, proxy = "the file you gave", Path(path).expanduser()
     if not proxy.is_file():
         raise ConfigError(
             f"no GRID proxy at {proxy} ({where}). Make one with `{PROXY_FIX}` "
             "(it is written to /tmp/x509up_u<uid>; set X509_USER_PROXY if you move it)."
         )
-    left = _seconds_left(proxy)
+    left = proxy_seconds_left(proxy)
     if left is not None and left <= 0:
         raise ConfigError(
             f"the GRID proxy {proxy} has expired ({-left / 3600:.1f} h ago). "
@@ -328,26 +338,43 @@ def _default_proxy() -> str:
     return f"/tmp/x509up_u{os.getuid()}"
 
 
-def _seconds_left(proxy: Path) -> float | None:
-    """Seconds until the proxy expires (negative: expired), or None if it cannot be told."""
+def proxy_path() -> Path:
+    """Where the GRID proxy is: ``$X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``."""
+    env = os.environ.get("X509_USER_PROXY")
+    return Path(env or _default_proxy()).expanduser()
+
+
+def proxy_seconds_left(path: str | Path) -> float | None:
+    """Seconds until the proxy at ``path`` expires (negative: expired), or None if unknown.
+
+    Asks ``voms-proxy-info --timeleft`` when it is installed, else reads the
+    certificate's notAfter (with ``cryptography``); None when neither can tell.
+    The proxy's content is never logged.
+    """
+    path = Path(path)
     tool = shutil.which("voms-proxy-info")
-    if tool:
-        done = subprocess.run(
-            [tool, "--file", str(proxy), "--timeleft"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if done.stdout.strip().lstrip("-").isdigit():
-            return float(done.stdout.strip())
+    if tool is not None:
+        try:
+            done = subprocess.run(
+                [tool, "--file", str(path), "--timeleft"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            return float(done.stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):
+            pass  # fall back to reading the certificate
     try:
         from cryptography import x509
     except ImportError:
         return None
     try:
-        cert = x509.load_pem_x509_certificate(proxy.read_bytes())
-    except ValueError:
+        block = _PEM_CERT.search(path.read_bytes())
+        if block is None:
+            return None
+        cert = x509.load_pem_x509_certificate(block.group(0))
+    except (OSError, ValueError):
         return None
     now = datetime.datetime.now(datetime.timezone.utc)
     return (cert.not_valid_after_utc - now).total_seconds()

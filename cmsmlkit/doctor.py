@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .data.source import PROXY_COMMAND, _proxy_seconds_left, proxy_path
+from .cluster import PROXY_FIX, proxy_path, proxy_seconds_left
 
 __all__ = [
     "Check",
@@ -209,9 +209,9 @@ def check_proxy() -> Check:
             "GRID proxy",
             "WARN",
             f"none at {path} ({where}); needed for root:// CMS data and DAS",
-            PROXY_COMMAND,
+            PROXY_FIX,
         )
-    left = _proxy_seconds_left(path)
+    left = proxy_seconds_left(path)
     if left is None:
         return Check(
             "GRID proxy",
@@ -220,13 +220,13 @@ def check_proxy() -> Check:
             "pip install cryptography  (or use voms-proxy-info --timeleft)",
         )
     if left <= 0:
-        return Check("GRID proxy", "WARN", f"{path}: expired", PROXY_COMMAND)
+        return Check("GRID proxy", "WARN", f"{path}: expired", PROXY_FIX)
     if left < PROXY_WARN_S:
         return Check(
             "GRID proxy",
             "WARN",
             f"{path}: {_duration(left)} left; a long job would outlive it",
-            PROXY_COMMAND,
+            PROXY_FIX,
         )
     return Check("GRID proxy", "OK", f"{path}: {_duration(left)} left")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pickle
@@ -17,6 +16,7 @@ import awkward as ak
 import pytest
 import yaml
 from conftest import DEMO_SKIM
+from proxies import write_proxy
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from cmsmlkit.cluster import PROXY_FIX, WORKER_MALLOC, dask_client, grid_proxy, jobqueue_cluster
@@ -24,38 +24,6 @@ from cmsmlkit.config import ClusterConfig, build_config, load_config
 from cmsmlkit.errors import ConfigError
 
 VIEW = "LCG_105/x86_64-el9-gcc13-opt"
-
-
-def write_proxy(path: Path, hours: float) -> Path:
-    """A real X.509 certificate + key in the PEM layout of a GRID proxy, valid ``hours`` more."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "proxy")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=10))
-        .not_valid_after(now + datetime.timedelta(hours=hours))
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 from importlib import metadata
 
 import pytest
+from proxies import proxy_key_pem, write_proxy
 
 import cmsmlkit
 from cmsmlkit import doctor
@@ -27,36 +28,6 @@ def bare_path(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     return empty
-
-
-def write_proxy(path, valid_for: datetime.timedelta) -> bytes:
-    """A proxy-like PEM file (certificate then private key), made with `cryptography`."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cmsml test proxy")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=10))
-        .not_valid_after(now + valid_for)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key_pem)
-    path.chmod(0o600)
-    return key_pem
 
 
 # --------------------------------------------------------------------------- packages
@@ -122,7 +93,7 @@ def test_proxy_time_left_from_the_certificate(
 ):
     # no voms-proxy-info on the bare PATH: the notAfter of the certificate is read
     proxy = tmp_path / "x509up_test"
-    key_pem = write_proxy(proxy, valid_for)
+    key_pem = proxy_key_pem(write_proxy(proxy, valid_for))
     monkeypatch.setenv("X509_USER_PROXY", str(proxy))
     check = doctor.check_proxy()
     assert (check.status, check.detail) == (status, f"{proxy}: {text}")
@@ -258,7 +229,7 @@ def test_cli_doctor_pings_the_given_redirector(capsys):
 
 def test_proxy_content_never_printed(tmp_path, monkeypatch, capsys):
     proxy = tmp_path / "x509up_test"
-    key_pem = write_proxy(proxy, datetime.timedelta(days=2))
+    key_pem = proxy_key_pem(write_proxy(proxy, datetime.timedelta(days=2)))
     monkeypatch.setenv("X509_USER_PROXY", str(proxy))
     monkeypatch.setenv("PATH", os.environ["PATH"])
     assert main(["doctor", "--offline"]) == 0

@@ -8,7 +8,6 @@ SLURM runs for real: a one-node cluster from tests/slurm_cluster.py.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from conftest import DEMO_PADDING, DEMO_SKIM
+from proxies import write_proxy
 from slurm_cluster import slurm_cluster  # noqa: F401 (the fixture)
 
 from cmsmlkit.cli import build_parser, main
@@ -69,39 +69,6 @@ def demo_sections(files: dict[str, list[Path]], **extra) -> dict:
     }
     sections.update(extra)
     return sections
-
-
-def write_proxy(path: Path, hours: float) -> Path:
-    """A real X.509 certificate and key, valid for ``hours`` (negative: expired), as a proxy file."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cmsml test proxy")])
-    now = dt.datetime.now(dt.timezone.utc)
-    end = now + dt.timedelta(hours=hours)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(min(now, end) - dt.timedelta(days=1))
-        .not_valid_after(end)
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    return path
 
 
 def lines_of(path: Path) -> list[str]:

@@ -59,6 +59,7 @@ from ..config import (
 )
 from ..errors import ConfigError, DataError, InputFileError, MissingBranchError, did_you_mean
 from .pad import choose_max_len, max_len_from_histogram, numeric_fields, pad, pad_collection
+from .source import normalise_fileset
 
 if TYPE_CHECKING:
     import awkward as ak
@@ -935,28 +936,15 @@ def _fileset_of(inputs: Any) -> dict[str, dict[str, Any]]:
             "nothing to convert: give convert.inputs ({label: [files or globs]}), a fileset, a "
             f"NanoAODSource or a list of ROOT files (got {inputs!r})."
         )
-    out: dict[str, dict[str, Any]] = {}
-    for ds, entry in inputs.items():
-        if isinstance(entry, (str, Path)):
-            entry = {"files": [entry]}
-        elif isinstance(entry, (list, tuple)):
-            entry = {"files": list(entry)}
-        if not isinstance(entry, Mapping) or "files" not in entry:
-            raise ConfigError(
-                f"inputs['{ds}'] must be a list of files or a mapping with a 'files' key."
-            )
+    out = normalise_fileset(inputs, what="inputs")
+    for ds, entry in out.items():
         files = entry["files"]
-        if isinstance(files, (str, Path)):
-            files = [files]
-        if not isinstance(files, Mapping):
-            files = {str(f): "Events" for f in files}
         resolved: dict[str, str] = {}
         for name, tree in files.items():
             for path in _expand(str(name), str(ds)):
                 resolved.setdefault(path, str(tree))
-        meta = dict(entry.get("metadata") or {})
-        meta.setdefault("label", str(ds))
-        out[str(ds)] = {"files": resolved, "metadata": meta}
+        entry["files"] = resolved
+        entry["metadata"].setdefault("label", ds)
     return out
 
 

@@ -73,6 +73,7 @@ from ..errors import (
     did_you_mean,
 )
 from .expr import CONSTANTS, Expression, FieldNamespace, parse
+from .source import normalise_fileset
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -450,34 +451,10 @@ class _Branches:
 
 def _normalise_fileset(fileset: Any) -> dict[str, dict[str, Any]]:
     """Accept coffea's fileset form, ``{dataset: [files]}``, or an object with ``.fileset()``."""
-    if hasattr(fileset, "fileset") and callable(fileset.fileset):
-        fileset = fileset.fileset()
-    if not isinstance(fileset, Mapping) or not fileset:
-        raise ConfigError(
-            "the fileset must be a non-empty mapping {dataset: {'files': {path: 'Events'}, "
-            f"'metadata': {{...}}}}}}, not {type(fileset).__name__}."
-        )
-    out: dict[str, dict[str, Any]] = {}
-    for dataset, entry in fileset.items():
-        if isinstance(entry, (str, Path)):
-            entry = {"files": [entry]}
-        elif isinstance(entry, (list, tuple)):
-            entry = {"files": list(entry)}
-        if not isinstance(entry, Mapping) or "files" not in entry:
-            raise ConfigError(
-                f"fileset['{dataset}'] must be a mapping with a 'files' key (or a list of files)."
-            )
-        files = entry["files"]
-        if isinstance(files, (str, Path)):
-            files = [files]
-        if not isinstance(files, Mapping):
-            files = {str(f): "Events" for f in files}
-        if not files:
+    out = normalise_fileset(fileset)
+    for dataset, entry in out.items():
+        if not entry["files"]:
             raise ConfigError(f"fileset['{dataset}'] has no files.")
-        out[str(dataset)] = {
-            "files": {str(k): str(v) for k, v in files.items()},
-            "metadata": dict(entry.get("metadata") or {}),
-        }
     return out
 
 

@@ -25,19 +25,20 @@ exploring in a notebook.
 
 from __future__ import annotations
 
-import datetime
 import glob
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..cluster import PROXY_FIX, proxy_path, proxy_seconds_left
 from ..config import DatasetConfig, SourceConfig, build_config
 from ..errors import ConfigError, InputFileError, MissingDependencyError, closest, did_you_mean
 
-__all__ = ["NanoAODSource", "check_proxy", "is_das_dataset", "is_remote"]
+__all__ = ["NanoAODSource", "check_proxy", "is_das_dataset", "is_remote", "normalise_fileset"]
 
 #: A DAS dataset name: /<primary>/<processed>/<TIER>, e.g. /DYJets.../RunII...-v1/NANOAODSIM.
 DAS_PATTERN = re.compile(r"^/[^/]+/[^/]+/[A-Z]+[A-Z0-9-]*$")
@@ -47,8 +48,7 @@ _RESERVED = ("dataset", "label", "is_mc", "xsec", "cuts", "lumi_mask")
 _MAX_TXT_DEPTH = 5
 _DAS_TIMEOUT_S = 300
 #: The command that makes a GRID proxy CMS services accept (valid 8 days).
-PROXY_COMMAND = "voms-proxy-init -voms cms -rfc -valid 192:00"
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+PROXY_COMMAND = PROXY_FIX
 
 
 def is_remote(entry: str) -> bool:
@@ -61,10 +61,48 @@ def is_das_dataset(entry: str) -> bool:
     return bool(DAS_PATTERN.match(entry)) and not entry.startswith("/store/")
 
 
-def proxy_path() -> Path:
-    """Where the GRID proxy is: ``$X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``."""
-    env = os.environ.get("X509_USER_PROXY")
-    return Path(env) if env else Path(f"/tmp/x509up_u{os.getuid()}")
+def normalise_fileset(fileset: Any, *, what: str = "the fileset") -> dict[str, dict[str, Any]]:
+    """``{dataset: {"files": {path: tree}, "metadata": {...}}}`` from the forms a fileset takes.
+
+    ``fileset`` is coffea's fileset form, ``{dataset: [files]}``, ``{dataset: file}``, or an
+    object with ``.fileset()`` (a :class:`NanoAODSource`). A list of files maps each to the
+    tree ``Events``; the metadata is carried (a copy, ``{}`` when absent). Files are not
+    expanded nor checked, and a dataset may have none: the caller decides. ``what`` names the
+    fileset in messages (``"the fileset"`` -> ``fileset['ds'] must be ...``).
+
+    Raises
+    ------
+    ConfigError
+        ``fileset`` is not a non-empty mapping, or an entry has no ``files``.
+    """
+    if hasattr(fileset, "fileset") and callable(fileset.fileset):
+        fileset = fileset.fileset()
+    if not isinstance(fileset, Mapping) or not fileset:
+        raise ConfigError(
+            f"{what} must be a non-empty mapping {{dataset: {{'files': {{path: 'Events'}}, "
+            f"'metadata': {{...}}}}}}, or a NanoAODSource, not {type(fileset).__name__}."
+        )
+    name = what.removeprefix("the ")
+    out: dict[str, dict[str, Any]] = {}
+    for dataset, entry in fileset.items():
+        if isinstance(entry, (str, Path)):
+            entry = {"files": [entry]}
+        elif isinstance(entry, (list, tuple)):
+            entry = {"files": list(entry)}
+        if not isinstance(entry, Mapping) or "files" not in entry:
+            raise ConfigError(
+                f"{name}['{dataset}'] must be a mapping with a 'files' key (or a list of files)."
+            )
+        files = entry["files"]
+        if isinstance(files, (str, Path)):
+            files = [files]
+        if not isinstance(files, Mapping):
+            files = {str(f): "Events" for f in files}
+        out[str(dataset)] = {
+            "files": {str(k): str(v) for k, v in files.items()},
+            "metadata": dict(entry.get("metadata") or {}),
+        }
+    return out
 
 
 def check_proxy(path: str | Path | None = None) -> Path:
@@ -89,42 +127,12 @@ def check_proxy(path: str | Path | None = None) -> Path:
             f"Create it with `{PROXY_COMMAND}` (and `export X509_USER_PROXY=...` if you keep it "
             "elsewhere, e.g. on AFS for batch jobs)."
         )
-    left = _proxy_seconds_left(path)
+    left = proxy_seconds_left(path)
     if left is not None and left <= 0:
         raise InputFileError(
             f"the GRID proxy at {path} has expired. Renew it with `{PROXY_COMMAND}`."
         )
     return path
-
-
-def _proxy_seconds_left(path: Path) -> float | None:
-    """Seconds of validity left, or None when nothing here can tell."""
-    info = shutil.which("voms-proxy-info")
-    if info is not None:
-        try:
-            out = subprocess.run(
-                [info, "--file", str(path), "--timeleft"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            return float(out.stdout.strip().splitlines()[-1])
-        except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):
-            pass  # fall back to reading the certificate
-    try:
-        from cryptography import x509
-    except ImportError:
-        return None
-    try:
-        block = _PEM_CERT.search(path.read_bytes())
-        if block is None:
-            return None
-        cert = x509.load_pem_x509_certificate(block.group(0))
-    except (OSError, ValueError):
-        return None
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (cert.not_valid_after_utc - now).total_seconds()
 
 
 class NanoAODSource:

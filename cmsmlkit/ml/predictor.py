@@ -56,6 +56,7 @@ import numpy as np
 
 from ..cluster import dask_client
 from ..config import ClusterConfig, ConvertConfig, PredictConfig, SkimConfig, build_config
+from ..data.source import normalise_fileset
 from ..errors import (
     BundleError,
     ConfigError,
@@ -1112,26 +1113,12 @@ def _predict_job(
 
 def _normalise_fileset(fileset: Any) -> dict[str, dict[str, Any]]:
     """``{dataset: {"files": [paths], "metadata": {...}}}`` from the forms a fileset takes."""
-    if hasattr(fileset, "fileset") and callable(fileset.fileset):
-        fileset = fileset.fileset()
-    if not isinstance(fileset, Mapping) or not fileset:
-        raise ConfigError(
-            "the fileset must be a non-empty mapping {dataset: {'files': {path: 'Events'}, "
-            f"'metadata': {{...}}}}}}, or a NanoAODSource, not {type(fileset).__name__}."
-        )
-    out: dict[str, dict[str, Any]] = {}
-    for dataset, entry in fileset.items():
-        if isinstance(entry, (str, Path, list, tuple)):
-            entry = {"files": entry}
-        if not isinstance(entry, Mapping) or "files" not in entry:
-            raise ConfigError(f"fileset['{dataset}'] must be a mapping with a 'files' key.")
-        files = entry["files"]
-        if isinstance(files, (str, Path)):
-            files = [files]
-        files = _expand([str(f) for f in files])
+    out = normalise_fileset(fileset)
+    for dataset, entry in out.items():
+        files = _expand(list(entry["files"]))
         if not files:
             raise ConfigError(f"fileset['{dataset}'] has no files.")
-        out[str(dataset)] = {"files": files, "metadata": dict(entry.get("metadata") or {})}
+        entry["files"] = files
     return out
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from proxies import write_proxy
 
 from cmsmlkit.config import SourceConfig
 from cmsmlkit.data.source import NanoAODSource, check_proxy, is_das_dataset
@@ -244,42 +244,10 @@ def fake_dasgoclient(directory: Path, script: str, name: str = "dasgoclient") ->
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
 
 
-def write_proxy(path: Path, hours_left: float) -> Path:
-    """A proxy-like PEM file: a self-signed certificate valid until now + hours_left, and its key."""
-    pytest.importorskip("cryptography", reason="pip install cryptography (the test extra)")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jdoe proxy")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=10))
-        .not_valid_after(now + datetime.timedelta(hours=hours_left))
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
 @pytest.fixture
 def proxy(tmp_path, monkeypatch) -> Path:
     """A valid (unexpired) GRID proxy file named by X509_USER_PROXY."""
-    path = write_proxy(tmp_path / "x509up_u1000", hours_left=100)
+    path = write_proxy(tmp_path / "x509up_u1000", hours=100)
     monkeypatch.setenv("X509_USER_PROXY", str(path))
     return path
 
@@ -378,7 +346,7 @@ def test_missing_proxy_says_the_command_that_makes_one(tmp_path, monkeypatch):
 
 
 def test_expired_proxy_is_refused_and_its_content_never_shown(tmp_path, monkeypatch):
-    path = write_proxy(tmp_path / "proxy.pem", hours_left=-1)
+    path = write_proxy(tmp_path / "proxy.pem", hours=-1)
     fake_dasgoclient(tmp_path, "echo /store/a.root\n")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("X509_USER_PROXY", str(path))
@@ -390,14 +358,14 @@ def test_expired_proxy_is_refused_and_its_content_never_shown(tmp_path, monkeypa
     )
     assert "BEGIN" not in str(info.value)
     # a valid one passes, and the lookup goes on
-    write_proxy(path, hours_left=1)
+    write_proxy(path, hours=1)
     assert check_proxy() == path
     assert source([DAS_NAME]).files("ds") == ["root://cms-xrd-global.cern.ch//store/a.root"]
 
 
 def test_voms_proxy_info_is_asked_first_when_installed(tmp_path, monkeypatch):
     # the certificate says valid, the (fake) voms-proxy-info says 0 s left: it wins
-    path = write_proxy(tmp_path / "proxy.pem", hours_left=100)
+    path = write_proxy(tmp_path / "proxy.pem", hours=100)
     calls = tmp_path / "voms.txt"
     fake_dasgoclient(tmp_path, f'echo "$@" > {calls}\necho 0\n', name="voms-proxy-info")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
