@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..cluster import PROXY_FIX, proxy_path, proxy_seconds_left
+from ..cluster import PROXY_FIX, grid_proxy, proxy_path
 from ..config import DatasetConfig, SourceConfig, build_config
 from ..errors import ConfigError, InputFileError, MissingDependencyError, closest, did_you_mean
 
@@ -127,12 +127,12 @@ def check_proxy(path: str | Path | None = None) -> Path:
             f"Create it with `{PROXY_COMMAND}` (and `export X509_USER_PROXY=...` if you keep it "
             "elsewhere, e.g. on AFS for batch jobs)."
         )
-    left = proxy_seconds_left(path)
-    if left is not None and left <= 0:
+    try:
+        return grid_proxy(path)  # the time left, as cluster.py reads it
+    except ConfigError:
         raise InputFileError(
             f"the GRID proxy at {path} has expired. Renew it with `{PROXY_COMMAND}`."
-        )
-    return path
+        ) from None
 
 
 class NanoAODSource:
