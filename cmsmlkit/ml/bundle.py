@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import BundleError
-from .dataset import FeatureSpec, InputLayout, Standardiser, check_finite, feature_matrix
+from .dataset import (
+    FeatureSpec,
+    InputLayout,
+    Standardiser,
+    check_finite,
+    feature_matrix,
+    file_sha256,
+)
 from .models import MLP, WithProbabilities, build_model, probabilities
 
 if TYPE_CHECKING:
@@ -62,14 +68,6 @@ _ONNX_OPSET = 17
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -198,7 +196,7 @@ def _write_contents(
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": {
-            name: _sha256(directory / name) for name in ("model.pt", "model.onnx", "model.ts")
+            name: file_sha256(directory / name) for name in ("model.pt", "model.onnx", "model.ts")
         },
     }
     _write_json(directory / "bundle.json", bundle_json)
@@ -353,7 +351,7 @@ class Bundle:
             )
         expected = (info.get("files") or {}).get("model.pt")
         if expected is not None:
-            actual = _sha256(path / "model.pt")
+            actual = file_sha256(path / "model.pt")
             if actual != expected:
                 raise BundleError(
                     f"{path / 'model.pt'} does not match the sha256 recorded in bundle.json "

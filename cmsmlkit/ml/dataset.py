@@ -486,7 +486,8 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (provenance and bundle checks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -638,7 +639,7 @@ def load_inputs(
                 weights[start:stop] = f["weight"][:]
                 event_id[start:stop] = f["event_id"][:]
         _check_labels(labels[start:stop], class_names, str(path))
-        provenance.append({"path": str(path.resolve()), "sha256": _sha256(path), "n_events": n})
+        provenance.append({"path": str(path.resolve()), "sha256": file_sha256(path), "n_events": n})
         start = stop
 
     names = opened.names
@@ -1078,7 +1079,7 @@ class HDF5DataModule(_lightning_datamodule()):  # type: ignore[misc]
             for start in range(0, n, step):
                 blocks.append((i, start, min(start + step, n), len(blocks), int(a)))
             provenance.append(
-                {"path": str(path.resolve()), "sha256": _sha256(path), "n_events": int(n)}
+                {"path": str(path.resolve()), "sha256": file_sha256(path), "n_events": int(n)}
             )
         self.provenance = {"inputs": provenance}
         names = ", ".join(str(p) for p in files)

@@ -378,12 +378,10 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _file_sha256(path: str | Path) -> str:
+    from .dataset import file_sha256  # imported late: it brings in lightning
+
+    return file_sha256(path)
 
 
 def _checked_onnx(bundle: Bundle) -> Path:
@@ -395,7 +393,7 @@ def _checked_onnx(bundle: Bundle) -> Path:
             "Train the model again (or copy the whole directory)."
         )
     expected = (bundle.info.get("files") or {}).get(path.name)
-    if expected is not None and _sha256(path) != expected:
+    if expected is not None and _file_sha256(path) != expected:
         raise BundleError(
             f"{path} does not match the sha256 recorded in bundle.json: the file changed or was "
             "corrupted after saving. Copy the bundle again or retrain."
@@ -937,7 +935,7 @@ class Predictor:
         """What the outputs depend on besides the input: the bundle and the output settings."""
         cfg = self.config
         return {
-            "bundle": _sha256(Path(self.bundle.path) / "bundle.json"),
+            "bundle": _file_sha256(Path(self.bundle.path) / "bundle.json"),
             "formats": list(cfg.formats),
             "name": cfg.name,
             "default": cfg.default,
@@ -1506,7 +1504,7 @@ def export_cmssw(bundle: str | Path | Bundle, directory: str | Path) -> Path:
         "format": "cmsmlkit-cmssw",
         "format_version": CMSSW_FORMAT_VERSION,
         "model": "model.onnx",
-        "model_sha256": _sha256(onnx_path),
+        "model_sha256": _file_sha256(onnx_path),
         "input_name": "features",
         "output_name": "probabilities",
         "n_inputs": offset,
