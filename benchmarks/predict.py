@@ -22,30 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SKIM = {
-    "selection": {
-        "objects": {
-            "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
-            "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
-            "GoodElectron": {
-                "from": "Electron",
-                "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3",
-            },
-        },
-        "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
-        "variables": {
-            "ht": "sum(GoodJet.pt)",
-            "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])",
-            "met": "MET.pt",
-        },
-    },
-    "collections": {
-        "GoodJet": ["pt", "eta", "btagDeepFlavB"],
-        "GoodMuon": ["pt", "eta"],
-        "GoodElectron": ["pt"],
-    },
-}
-PADDING = {"GoodJet": {"max_len": 5}, "GoodMuon": {"max_len": 2}, "GoodElectron": {"max_len": 2}}
+from cmsmlkit.data.toy import DEMO_PADDING as PADDING
+from cmsmlkit.data.toy import DEMO_SKIM as SKIM
+
 #: The NanoAOD branches the selection reads (what plain uproot reads for the baseline).
 BRANCHES = [
     "run",

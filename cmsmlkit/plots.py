@@ -170,6 +170,14 @@ def roc_figure(y_true: Any, proba: Any, class_names: Sequence[str], weights: Any
     return fig
 
 
+def _score_panels(names: Sequence[str]) -> tuple[Figure, list[tuple[Any, int]]]:
+    """A figure with one panel per score shown: P(first class) when binary, every P(k) otherwise."""
+    shown = [0] if len(names) == 2 else list(range(len(names)))
+    fig = Figure(figsize=(10 * len(shown), 10))
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    return fig, list(zip(axes, shown, strict=True))
+
+
 def score_figure(
     y_true: Any,
     proba: Any,
@@ -185,12 +193,10 @@ def score_figure(
     """
     y, p, w = _as_inputs(y_true, proba, class_names, weights)
     names = list(class_names)
-    panels = [0] if len(names) == 2 else list(range(len(names)))
     edges = np.linspace(0.0, 1.0, bins + 1)
     with _cms_style():
-        fig = Figure(figsize=(10 * len(panels), 10))
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, k in zip(axes, panels, strict=True):
+        fig, panels = _score_panels(names)
+        for ax, k in panels:
             for true in range(len(names)):
                 sel = y == true
                 if not sel.any():
@@ -240,12 +246,10 @@ def overtraining_figure(
     y_tr, p_tr, w_tr = _as_inputs(y_train, proba_train, class_names, train_weights)
     y_te, p_te, w_te = _as_inputs(y_test, proba_test, class_names, test_weights)
     names = list(class_names)
-    panels = [0] if len(names) == 2 else list(range(len(names)))
     axis = hist.axis.Regular(bins, 0.0, 1.0, name="score", underflow=False, overflow=False)
     with _cms_style():
-        fig = Figure(figsize=(10 * len(panels), 10))
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, k in zip(axes, panels, strict=True):
+        fig, panels = _score_panels(names)
+        for ax, k in panels:
             for true in range(len(names)):
                 tr, te = y_tr == true, y_te == true
                 if not (tr.any() and te.any()):

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# The demo selection and padding; tests take them from here.
+from cmsmlkit.data.toy import DEMO_PADDING, DEMO_SKIM  # noqa: F401
+
 #: Real NanoAOD files from coffea's test samples (see files/nanoaod/README.md).
 NANOAOD = Path(__file__).parent / "files" / "nanoaod"
 
@@ -22,37 +25,6 @@ def demo_files(tmp_path_factory) -> dict[str, list[Path]]:
     from cmsmlkit.data import toy
 
     return toy.make_demo(tmp_path_factory.mktemp("demo"), n_events=1500, seed=7)
-
-
-#: The demo selection (the packaged demo pipeline's, in Python form).
-DEMO_SKIM = {
-    "selection": {
-        "objects": {
-            "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
-            "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
-            "GoodElectron": {
-                "from": "Electron",
-                "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3",
-            },
-        },
-        "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
-        "variables": {
-            "ht": "sum(GoodJet.pt)",
-            "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])",
-            "met": "MET.pt",
-        },
-    },
-    "collections": {
-        "GoodJet": ["pt", "eta", "btagDeepFlavB"],
-        "GoodMuon": ["pt", "eta"],
-        "GoodElectron": ["pt"],
-    },
-}
-DEMO_PADDING = {
-    "GoodJet": {"max_len": 5},
-    "GoodMuon": {"max_len": 2},
-    "GoodElectron": {"max_len": 2},
-}
 
 
 @pytest.fixture(scope="session")

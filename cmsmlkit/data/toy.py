@@ -54,7 +54,48 @@ import numpy as np
 
 from ..errors import ConfigError, did_you_mean
 
-__all__ = ["PROCESSES", "MIXTURE", "write_nanoaod", "make_demo", "generate", "two_body_decay"]
+__all__ = [
+    "PROCESSES",
+    "MIXTURE",
+    "DEMO_SKIM",
+    "DEMO_PADDING",
+    "write_nanoaod",
+    "make_demo",
+    "generate",
+    "two_body_decay",
+]
+
+#: A compact demo selection for these files (a slimmer form of the packaged demo
+#: pipeline's), as a ``SkimConfig`` mapping: what tests, benchmarks and examples share.
+DEMO_SKIM = {
+    "selection": {
+        "objects": {
+            "GoodJet": {"from": "Jet", "where": "pt > 25 & abs(eta) < 2.4 & jetId >= 2"},
+            "GoodMuon": {"from": "Muon", "where": "pt > 20 & abs(eta) < 2.4 & tightId"},
+            "GoodElectron": {
+                "from": "Electron",
+                "where": "pt > 20 & abs(eta) < 2.5 & cutBased >= 3",
+            },
+        },
+        "cuts": ["num(GoodJet) >= 2", "num(GoodMuon) + num(GoodElectron) >= 1"],
+        "variables": {
+            "ht": "sum(GoodJet.pt)",
+            "n_bjets": "num(GoodJet[GoodJet.btagDeepFlavB > 0.3])",
+            "met": "MET.pt",
+        },
+    },
+    "collections": {
+        "GoodJet": ["pt", "eta", "btagDeepFlavB"],
+        "GoodMuon": ["pt", "eta"],
+        "GoodElectron": ["pt"],
+    },
+}
+#: Padding for :data:`DEMO_SKIM`'s collections, as ``ConvertConfig.collections``.
+DEMO_PADDING = {
+    "GoodJet": {"max_len": 5},
+    "GoodMuon": {"max_len": 2},
+    "GoodElectron": {"max_len": 2},
+}
 
 #: The processes the generator knows, signal first.
 PROCESSES = ("ttbar", "wjets", "dy")
