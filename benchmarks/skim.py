@@ -56,17 +56,18 @@ def branches_read(skim, path: Path) -> list[str]:
     if not small.exists():
         toy.write_nanoaod(small, "ttbar", 1000, seed=1)
     seen: set[str] = set()
-    original = uproot.behaviors.TBranch.TBranch.array
+    branch = uproot.behaviors.TBranch.TBranch
+    original = branch.entries_to_ranges_or_baskets  # every read of a branch's baskets asks it
 
     def recording(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         seen.add(self.name)
         return original(self, *args, **kwargs)
 
-    uproot.behaviors.TBranch.TBranch.array = recording
+    branch.entries_to_ranges_or_baskets = recording
     try:
         Skimmer(skim).run({"ttbar": {"files": {str(small): "Events"}}})
     finally:
-        uproot.behaviors.TBranch.TBranch.array = original
+        branch.entries_to_ranges_or_baskets = original
     return sorted(seen)
 
 

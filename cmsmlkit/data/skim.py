@@ -72,7 +72,7 @@ from ..errors import (
     closest,
     did_you_mean,
 )
-from .expr import CONSTANTS, Expression, FieldNamespace, parse
+from .expr import CONSTANTS, Expression, FieldNamespace, parse, positions, select, take_events
 from .source import normalise_fileset
 
 if TYPE_CHECKING:
@@ -535,17 +535,57 @@ def _per_event(value: Any, n: int, expr: Expression, what: str) -> np.ndarray:
                 f"{'a record' if value.fields else 'a list'} per event ({value.type}); reduce it "
                 "with any(...), all(...), num(...), sum(...) or max(...), or pick one object with [:, 0]"
             )
+        layout = value.layout
+        if isinstance(layout, ak.contents.NumpyArray):  # nothing missing: no fill needed
+            return np.asarray(layout.data)
         value = ak.to_numpy(ak.fill_none(value, np.nan if what == "a variable" else False))
     return np.asarray(value)
 
 
 def _plain(collection: Any, fields: list[str]) -> ak.Array:
     """The kept fields of a collection as a plain (behaviour-free, packed) awkward array."""
+    gathered = _gather(collection, fields) if fields else None
+    if gathered is not None:
+        return gathered
     if collection.ndim >= 2:
         counts = ak.to_numpy(ak.num(collection, axis=1))
         columns = {f: ak.to_numpy(ak.flatten(collection[f], axis=1)) for f in fields}
         return ak.unflatten(ak.zip(columns, depth_limit=1), counts)
     return ak.zip({f: ak.to_numpy(collection[f]) for f in fields}, depth_limit=1)
+
+
+def _gather(collection: Any, fields: list[str]) -> ak.Array | None:
+    """:func:`_plain` with numpy, for lists of records of numbers (None for anything else).
+
+    A selected collection is a list per event (after event cuts, a view of
+    some events' lists) over an index into the original records; one
+    position array built from the lists' starts and stops reads every field.
+    """
+    layout = collection.layout
+    if isinstance(layout, ak.contents.ListOffsetArray):
+        offsets = np.asarray(layout.offsets.data)
+        starts, stops = offsets[:-1], offsets[1:]
+    elif isinstance(layout, ak.contents.ListArray):
+        starts, stops = np.asarray(layout.starts.data), np.asarray(layout.stops.data)
+    else:
+        return None
+    new_offsets, position = positions(starts, stops)
+    content = layout.content
+    while type(content) is ak.contents.IndexedArray:
+        position = np.asarray(content.index.data)[position]
+        content = content.content
+    if not isinstance(content, ak.contents.RecordArray) or content.is_tuple:
+        return None
+    columns = []
+    for name in fields:
+        if name not in content.fields:
+            return None
+        column = content.content(name)
+        if not isinstance(column, ak.contents.NumpyArray) or column.data.ndim != 1:
+            return None
+        columns.append(ak.contents.NumpyArray(np.asarray(column.data)[position]))
+    records = ak.contents.RecordArray(columns, list(fields), length=len(position))
+    return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(new_offsets), records))
 
 
 @dataclass(frozen=True)
@@ -608,7 +648,10 @@ def _select(
             objects[obj.name] = source
             continue
         mask = obj.where.evaluate(FieldNamespace(source, _Namespace(events, objects)))
-        objects[obj.name] = source[mask]
+        objects[obj.name] = select(source, mask)
+    defined = objects  # before the cuts; each cut below slices a (cheap, lazy) view of them
+    rows = np.arange(len(events))
+    n_defined = len(events)
     for label, cut in (*extra.cuts, *plan.cuts):
         mask = _per_event(cut.evaluate(_Namespace(events, objects)), len(events), cut, "a cut")
         if mask.dtype != np.bool_:
@@ -619,7 +662,12 @@ def _select(
         events = events[mask]
         objects = {k: v[mask] for k, v in objects.items()}
         weight = weight[mask]
+        rows = rows[mask]
         cutflow[label] = {"events": len(events), "sumw": float(weight.sum())}
+    # the selected events of each object, resolved once: the variables' fast paths need it
+    selected = np.zeros(n_defined, dtype=bool)
+    selected[rows] = True
+    objects = {k: take_events(v, selected) for k, v in defined.items()}
     n = len(events)
     columns: dict[str, Any] = {}
     variables: dict[str, Any] = {}
@@ -637,6 +685,41 @@ def _select(
         columns[name] = ak.to_numpy(events[name]).astype(np.int64)
     columns[WEIGHT] = weight.astype(np.float64)
     return ak.zip(columns, depth_limit=1), cutflow
+
+
+def _preload(files: dict[str, str], instance: _SkimProcessor, dataset: str) -> dict[str, Any]:
+    """``{"preload": branches}``: what the selection reads, so coffea reads it in one go per chunk.
+
+    Traced on a length-zero copy of the first file's events (coffea's
+    ``trace_with_length_zero_array``: no event data is read). Reading the
+    branches together, as ``uproot.iterate`` does, is faster than branch by
+    branch on first use. A selection that cannot be traced reads lazily
+    instead, as does one with a ``function`` (which may need real events).
+    """
+    import uproot
+    from coffea.nanoevents import NanoEventsFactory
+    from coffea.nanoevents.trace import trace_with_length_zero_array
+
+    path, tree = next(iter(files.items()))
+    meta = {"dataset": dataset, "filename": path, "treename": tree}
+    try:
+        with warnings.catch_warnings(), uproot.open(path) as file:
+            _quiet_coffea()
+            events = NanoEventsFactory.from_root(
+                file=file,
+                treepath=tree,
+                schemaclass=_QuietNanoAODSchema,
+                metadata={**meta, "entrystart": 0, "entrystop": 0},
+                mode="virtual",
+                entry_start=0,
+                entry_stop=0,
+            ).events()
+            warnings.simplefilter("ignore", RuntimeWarning)
+            names = trace_with_length_zero_array(instance.process, events, throw=True)
+    except Exception as exc:  # the run itself reports real errors
+        log.debug("no preload for %s (tracing failed: %s)", dataset, exc)
+        return {}
+    return {"preload": sorted(names)}
 
 
 def _weights(events: Any) -> np.ndarray:
@@ -1186,6 +1269,8 @@ class Skimmer:
     ) -> dict[str, Any]:
         treename = next(iter(next(iter(fileset.values()))["files"].values()))
         instance = _SkimProcessor(self._plan, layout, self.function, extras)
+        if self.function is None:  # a user's function is not run outside the chunks
+            fileset = {d: {**e, **_preload(e["files"], instance, d)} for d, e in fileset.items()}
         attempts = 1 + self.config.retries
         status = _want_progress()
         with dask_client(self.cluster) as client:

@@ -475,3 +475,76 @@ def test_exponent_from_data_is_checked_when_evaluated():
     assert ev("MET.pt ** 0.5") == pytest.approx([math.sqrt(10), math.sqrt(40), 5.0])
     # whole numbers are powered in floating point: no giant integers, overflow is inf
     assert parse("(10 ** 100) ** 100").evaluate({}) == math.inf
+
+
+# --------------------------------------------------------------------------- numpy fast paths
+# The evaluator skips awkward's broadcasting where numpy on the flat contents
+# gives the same answer; these compare the two on layouts that arise in a skim.
+
+
+def _sliced_jets() -> ak.Array:
+    """Jets of events 1.. of a larger array: offsets that do not start at 0."""
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 6, size=200)
+    flat = {f: rng.normal(40, 20, counts.sum()) for f in ("pt", "eta", "btag")}
+    whole = ak.unflatten(ak.zip(flat), counts)
+    layout = whole.layout
+    offsets = np.asarray(layout.offsets)[5:]  # events 5.. only, the content kept whole
+    return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets), layout.content))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pt > 25 & abs(eta) < 40",
+        "-pt + 2 * eta ** 2 >= btag",
+        "not (pt < 30)",
+        "sqrt(abs(eta)) / (pt + 1)",
+        "pt // 7 % 3",
+    ],
+)
+def test_fast_elementwise_matches_awkward(text):
+    jets = _sliced_jets()
+    expr = parse(text)
+    fast = expr.evaluate(FieldNamespace(jets))
+    assert fast.layout.offsets is jets.layout.offsets  # the numpy path was taken
+    expected = parse(text).evaluate(FieldNamespace(ak.Array(ak.to_list(jets))))
+    np.testing.assert_allclose(
+        ak.to_numpy(ak.flatten(fast)).astype(float),
+        ak.to_numpy(ak.flatten(expected)).astype(float),
+        rtol=1e-12,
+    )
+    assert ak.to_list(ak.num(fast)) == ak.to_list(ak.num(expected))
+
+
+def test_fast_select_and_take_events_match_awkward():
+    from cmsmlkit.data.expr import select, take_events
+
+    jets = _sliced_jets()
+    reference = ak.Array(ak.to_list(jets))
+    good = select(jets, jets.pt > 30)
+    assert type(good.layout).__name__ == "ListOffsetArray"
+    assert ak.to_list(good) == ak.to_list(reference[reference.pt > 30])
+    # a selection of a selection goes through one index into the original records
+    better = select(good, good.btag > 40)
+    assert ak.to_list(better) == ak.to_list(reference[(reference.pt > 30) & (reference.btag > 40)])
+    events = np.asarray(ak.num(good) >= 2)
+    picked = take_events(better, events)
+    assert ak.to_list(picked) == ak.to_list(
+        reference[(reference.pt > 30) & (reference.btag > 40)][events]
+    )
+    assert ak.to_list(parse("num(J[J.pt > 50])").evaluate({"J": picked})) == ak.to_list(
+        ak.num(picked[picked.pt > 50])
+    )
+
+
+def test_fast_paths_leave_other_layouts_to_awkward():
+    # lists against per-event values, missing values, and lists of different offsets
+    jets = ak.Array([[1.0, 2.0], [], [3.0]])
+    per_event = np.array([1.5, 0.0, 2.0])
+    assert ev("J > x", {"J": jets, "x": per_event}) == [[False, True], [], [True]]
+    optional = ak.Array([[1.0, None], [], [3.0]])
+    assert ev("J > 1.5", {"J": optional}) == [[False, None], [], [True]]
+    other = ak.Array([[0.5, 2.5], [], [1.0]])
+    assert ev("J > K", {"J": jets, "K": other}) == [[True, False], [], [True]]
+    assert ev("J[K > 1]", {"J": jets, "K": other}) == [[2.0], [], []]
