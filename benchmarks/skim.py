@@ -8,6 +8,8 @@ default ``$TMPDIR/cmsmlkit-bench``). In one run it prints events/s of
   the Skimmer itself), in chunks of the same size (the baseline);
 * the Skimmer with the demo selection (``cmsmlkit/resources/demo.yaml``) in
   this process (``ClusterConfig(workers=1)``), and their ratio (aim >= 0.5);
+* plain uproot in 2 processes, half of the file each: how far 2 cores of this
+  machine speed up work that needs no coordination (the ceiling for the next);
 * the Skimmer on the 2-worker LocalCluster of ``ClusterConfig(workers=2)``,
   warm (started, and its workers through one small skim, before the clock
   starts), and its ratio to one worker (aim >= 1.6); then the same cold, as
@@ -78,6 +80,27 @@ def run_uproot(path: Path, branches: list[str], chunksize: int) -> int:
     for chunk in uproot.iterate({str(path): "Events"}, branches, step_size=chunksize, library="ak"):
         n += len(chunk)
     return n
+
+
+def read_range(path: Path, branches: list[str], chunksize: int, start: int, stop: int) -> int:
+    """Plain uproot over entries [start, stop) in chunks (one process's share of the file)."""
+    import uproot
+
+    n = 0
+    with uproot.open(path) as file:
+        tree = file["Events"]
+        for first in range(start, stop, chunksize):
+            last = min(first + chunksize, stop)
+            n += len(tree.arrays(branches, entry_start=first, entry_stop=last))
+    return n
+
+
+def run_uproot_processes(pool, path: Path, branches: list[str], chunksize: int, n: int) -> int:  # type: ignore[no-untyped-def]
+    """Plain uproot in the 2 processes of ``pool``, half of the file each: the machine's ceiling."""
+    half = (n // 2 // chunksize) * chunksize or n // 2
+    shares = [(0, half), (half, n)]
+    futures = [pool.submit(read_range, path, branches, chunksize, a, b) for a, b in shares]
+    return sum(f.result() for f in futures)
 
 
 def run_skimmer(skim, path: Path, cluster) -> int:  # type: ignore[no-untyped-def]
@@ -154,6 +177,17 @@ def main(argv: list[str] | None = None) -> None:
         n,
         lambda: run_uproot(path, branches, skim.chunksize),
     )
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        run_uproot_processes(pool, path, branches, skim.chunksize, 2 * skim.chunksize)  # imports
+        base_two = best_rate(
+            "uproot, 2 processes (half of the file each)",
+            args.repeat,
+            n,
+            lambda: run_uproot_processes(pool, path, branches, skim.chunksize, n),
+            cpu=None,
+        )
     one = best_rate(
         "Skimmer, 1 worker (in-process)", args.repeat, n, lambda: run_skimmer(skim, path, None)
     )
@@ -177,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Skimmer / uproot:             {one / base:.2f}   (aim >= 0.5)")
     print(f"2 workers / 1 worker (warm):  {two / one:.2f}   (aim >= 1.6)")
     print(f"2 workers / 1 worker (cold):  {cold / one:.2f}")
+    print(
+        f"plain uproot, 2 processes / 1:  {base_two / base:.2f}   (what 2 cores of this machine "
+        "give work that needs no coordination: the ceiling for the ratio above)"
+    )
     cpu_one = CPU["Skimmer, 1 worker (in-process)"]
     cpu_two = CPU["Skimmer, 2 local workers (warm)"]
     print(

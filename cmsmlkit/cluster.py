@@ -71,7 +71,8 @@ def dask_client(config: ClusterConfig | dict[str, Any] | None) -> Iterator[Clien
     ``LocalCluster`` of processes; ``slurm``/``htcondor`` submit
     ``workers`` batch jobs (or scale between ``adapt_min`` and ``adapt_max``
     as work waits). Everything started here is stopped on exit, the jobs
-    included; ``address`` connects to a running scheduler and leaves it running.
+    included; ``address`` connects to a running scheduler and leaves it running
+    (a Client this process already has to that scheduler is used as it is).
 
     Examples
     --------
@@ -86,6 +87,10 @@ def dask_client(config: ClusterConfig | dict[str, Any] | None) -> Iterator[Clien
     from distributed import Client
 
     if config.type == "address":
+        current = _current_client(config.address)
+        if current is not None:  # this process is already connected (a notebook's Client)
+            yield current
+            return
         with Client(config.address) as client:
             yield client
         return
@@ -126,6 +131,19 @@ def dask_client(config: ClusterConfig | dict[str, Any] | None) -> Iterator[Clien
                 config.type,
             )
         yield client
+
+
+def _current_client(address: str | None) -> Client | None:
+    """The running Client of this process connected to ``address``, if there is one."""
+    from distributed import Client
+
+    try:
+        client = Client.current(allow_global=True)
+    except ValueError:  # no client in this process
+        return None
+    if client.status != "running" or getattr(client.scheduler, "address", None) != address:
+        return None
+    return client
 
 
 def jobqueue_cluster(config: ClusterConfig | dict[str, Any]) -> JobQueueCluster:

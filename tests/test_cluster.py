@@ -405,3 +405,19 @@ def test_chunks_of_a_killed_worker_are_rerun(tmp_path, monkeypatch):
     assert flow.pop("function _slow_chunk")["events"] == 3000  # every event, exactly once
     assert flow == reference.cutflow["ttbar"]
     assert ak.to_list(result.arrays["ttbar"]) == ak.to_list(reference.arrays["ttbar"])
+
+
+def test_address_reuses_this_process_client_to_that_scheduler():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as mine:
+            config = ClusterConfig(type="address", address=cluster.scheduler_address)
+            with dask_client(config) as client:
+                assert client is mine
+                assert client.submit(sum, [1, 2]).result() == 3
+            assert mine.status == "running"  # not closed: it is the caller's
+        # without a client of its own, a new one is made (and closed)
+        with dask_client(config) as client:
+            assert client is not mine
+            assert client.submit(sum, [2, 2]).result() == 4

@@ -1318,7 +1318,7 @@ class Skimmer:
                 key=lambda c: (order.get(c[0][0], 0), c[0][1]),
             )
             if chunks:
-                arrays[dataset] = ak.concatenate([c[1] for c in chunks], axis=0)
+                arrays[dataset] = _concatenate([c[1] for c in chunks])
             else:
                 arrays[dataset] = self._empty(layout)
             steps = self._steps(extras.get(dataset, _Extra()))
@@ -1428,6 +1428,59 @@ class Skimmer:
             },
         )
         return written
+
+
+def _concatenate(parts: list[ak.Array]) -> ak.Array:
+    """The chunks' records end to end: numpy on the columns of the skim's own flat layout.
+
+    ``ak.concatenate`` gives the same array but first normalises every list
+    it meets; a skim's records are already plain columns and packed lists of
+    plain columns, so joining their buffers is all there is to do.
+    """
+    layouts = [p.layout for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    if not all(layout.form == layouts[0].form for layout in layouts) or not all(
+        isinstance(layout, ak.contents.RecordArray) for layout in layouts
+    ):
+        return ak.concatenate(parts, axis=0)
+    columns = []
+    for name in layouts[0].fields:
+        pieces = [layout.content(name) for layout in layouts]
+        joined = _join(pieces)
+        if joined is None:
+            return ak.concatenate(parts, axis=0)
+        columns.append(joined)
+    length = sum(len(p) for p in parts)
+    return ak.Array(ak.contents.RecordArray(columns, list(layouts[0].fields), length=length))
+
+
+def _join(pieces: list[ak.contents.Content]) -> ak.contents.Content | None:
+    """Plain numbers, or packed lists of records of plain numbers, end to end; None otherwise."""
+    first = pieces[0]
+    if isinstance(first, ak.contents.NumpyArray):
+        return ak.contents.NumpyArray(np.concatenate([np.asarray(p.data) for p in pieces]))
+    if not isinstance(first, ak.contents.ListOffsetArray):
+        return None
+    offsets = [np.asarray(p.offsets.data) for p in pieces]
+    if any(o[0] != 0 for o in offsets):
+        return None
+    ends = np.cumsum([0] + [int(o[-1]) for o in offsets[:-1]])
+    joined = np.concatenate([offsets[0]] + [o[1:] + e for o, e in zip(offsets[1:], ends[1:])])
+    contents = [p.content[: int(o[-1])] for p, o in zip(pieces, offsets)]
+    if isinstance(first.content, ak.contents.RecordArray):
+        fields = first.content.fields
+        inner = [_join([c.content(f) for c in contents]) for f in fields]
+        if any(x is None or not isinstance(x, ak.contents.NumpyArray) for x in inner):
+            return None
+        content: ak.contents.Content = ak.contents.RecordArray(
+            inner, list(fields), length=int(joined[-1])
+        )
+    else:
+        content = _join(contents)
+        if not isinstance(content, ak.contents.NumpyArray):
+            return None
+    return ak.contents.ListOffsetArray(ak.index.Index64(joined), content)
 
 
 def _columns_of(array: ak.Array) -> list[list[Any]]:

@@ -996,3 +996,23 @@ def test_chunks_of_a_killed_worker_are_rerun(toy, toy_result, tmp_path):
     assert marker.is_dir()
     for ds in ("sig", "bkg"):
         assert ak.to_list(result.arrays[ds]) == ak.to_list(toy_result.arrays[ds])
+
+
+def test_chunks_join_like_ak_concatenate():
+    from cmsmlkit.data.skim import _concatenate
+
+    def chunk(n_events: int, counts: list[int], start: float) -> ak.Array:
+        jets = ak.zip({"pt": np.arange(sum(counts)) + start}, depth_limit=1)
+        return ak.zip(
+            {"ht": np.arange(n_events) + start, "GoodJet": ak.unflatten(jets, counts)},
+            depth_limit=1,
+        )
+
+    parts = [chunk(3, [2, 0, 3], 0.0), chunk(2, [1, 3], 10.0), chunk(1, [0], 20.0)]
+    joined = _concatenate(parts)
+    assert ak.to_list(joined) == ak.to_list(ak.concatenate(parts))
+    assert ak.to_list(ak.num(joined.GoodJet)) == [2, 0, 3, 1, 3, 0]
+    # a layout it does not know (a list view) goes to awkward, same answer
+    view = parts[0][[True, False, True]]
+    mixed = [ak.zip({"ht": view.ht, "GoodJet": view.GoodJet}, depth_limit=1), parts[1]]
+    assert ak.to_list(_concatenate(mixed)) == ak.to_list(ak.concatenate(mixed))
