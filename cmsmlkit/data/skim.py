@@ -1466,8 +1466,10 @@ def _join(pieces: list[ak.contents.Content]) -> ak.contents.Content | None:
     if any(o[0] != 0 for o in offsets):
         return None
     ends = np.cumsum([0] + [int(o[-1]) for o in offsets[:-1]])
-    joined = np.concatenate([offsets[0]] + [o[1:] + e for o, e in zip(offsets[1:], ends[1:])])
-    contents = [p.content[: int(o[-1])] for p, o in zip(pieces, offsets)]
+    joined = np.concatenate(
+        [offsets[0]] + [o[1:] + e for o, e in zip(offsets[1:], ends[1:], strict=True)]
+    )
+    contents = [p.content[: int(o[-1])] for p, o in zip(pieces, offsets, strict=True)]
     if isinstance(first.content, ak.contents.RecordArray):
         fields = first.content.fields
         inner = [_join([c.content(f) for c in contents]) for f in fields]
