@@ -1078,6 +1078,39 @@ class Skimmer:
 
     # ------------------------------------------------------------------ work
 
+    def select(
+        self, events: Any, *, collections: Mapping[str, Iterable[str]] | None = None
+    ) -> tuple[ak.Array, dict[str, dict[str, float]]]:
+        """Apply the selection to one chunk of coffea NanoEvents, as :meth:`run` does per chunk.
+
+        Returns the selected records (variables, kept collections, kept
+        branches, event id and weight; the layout of ``SkimResult.arrays``)
+        and the chunk's cutflow. ``collections`` (collection -> fields)
+        replaces ``skim.collections`` for what is kept, e.g. only what a model
+        reads. The ``function`` runs first, if there is one; per-dataset cuts
+        and lumi masks come with filesets and are not applied here.
+
+        >>> events = NanoEventsFactory.from_root({"nano.root": "Events"}).events()  # doctest: +SKIP
+        >>> records, cutflow = Skimmer(selection=...).select(events)  # doctest: +SKIP
+        """
+        fields = list(getattr(events, "fields", []))
+        wanted = dict(self._plan.collections if collections is None else collections)
+        keep: dict[str, list[str]] = {}
+        for coll, patterns in wanted.items():
+            root = self._plan.root_of(coll)
+            available = list(events[root].fields) if root in fields else []
+            keep[coll] = _match_fields(available, patterns)
+        plain: list[str] = []
+        for name in fields:
+            value = events[name]
+            if value.ndim == 1:
+                plain.extend([name] if not value.fields else [f"{name}_{f}" for f in value.fields])
+        branches = [b for p in self.config.keep for b in fnmatch.filter(plain, p)]
+        layout = self._apply_drop(keep, list(dict.fromkeys(branches)))
+        with warnings.catch_warnings():
+            _quiet_coffea()
+            return _select(events, self._plan, layout, self.function)
+
     def run(self, fileset: Any) -> SkimResult:
         """Skim ``fileset`` (coffea form, ``{dataset: [files]}`` or a source with ``.fileset()``).
 

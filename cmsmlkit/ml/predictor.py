@@ -1412,30 +1412,13 @@ def add_scores(
 
 def _select_events(predictor: Predictor, events: Any) -> Any:
     """The bundle's selection applied to one chunk of NanoEvents: the selected skimmed records."""
-    import warnings
-
-    skimmer = predictor.skimmer
-    select = getattr(skimmer, "select", None)
-    if callable(select):  # the Skimmer's public per-chunk selection, where it exists
-        out = select(events)
-        return out[0] if isinstance(out, tuple) else out
-    from ..data import skim
-
     used = {f.collection for f in predictor.bundle.features if f.collection}
     keep = {
         coll: list(dict.fromkeys([*spec.get("fields", []), *_sort_field(spec)]))
         for coll, spec in predictor.bundle.padding.items()
         if coll in used
     }
-    # Until the Skimmer offers its per-chunk selection publicly, call the function its
-    # processor calls, in whichever form this version of skim.py has.
-    plan = skimmer._plan
-    what: Any = keep
-    if hasattr(skim, "_Layout"):
-        what = skim._Layout(collections=keep, variables=tuple(n for n, _ in plan.variables))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"coffea\.nanoevents")
-        records, _ = skim._select(events, plan, what, None)
+    records, _ = predictor.skimmer.select(events, collections=keep)
     return records
 
 

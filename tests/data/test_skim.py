@@ -1016,3 +1016,20 @@ def test_chunks_join_like_ak_concatenate():
     view = parts[0][[True, False, True]]
     mixed = [ak.zip({"ht": view.ht, "GoodJet": view.GoodJet}, depth_limit=1), parts[1]]
     assert ak.to_list(_concatenate(mixed)) == ak.to_list(ak.concatenate(mixed))
+
+
+def test_select_one_chunk_of_events_gives_what_run_gives(toy, toy_result):
+    from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
+
+    path = toy["files"]["bkg"]
+    events = NanoEventsFactory.from_root(
+        {str(path): "Events"}, schemaclass=NanoAODSchema, mode="virtual"
+    ).events()
+    skimmer = Skimmer(selection=SELECTION, collections=COLLECTIONS)
+    records, cutflow = skimmer.select(events)
+    assert ak.to_list(records) == ak.to_list(toy_result.arrays["bkg"])
+    assert cutflow == toy_result.cutflow["bkg"]
+    # collections= keeps only what is asked for (a model's inputs, say)
+    only, _ = skimmer.select(events, collections={"GoodJet": ["pt"]})
+    assert ak.fields(only.GoodJet) == ["pt"] and "GoodMuon" not in only.fields
+    assert ak.to_list(only.GoodJet.pt) == ak.to_list(toy_result.arrays["bkg"].GoodJet.pt)
