@@ -701,6 +701,11 @@ class PredictConfig(BaseConfig):
         "luminosityBlock, event), friend (ROOT tree, one entry per input event), nanoaod "
         "(a copy of the input ROOT file with the score branches added)",
     )
+    compression: Literal["lz4", "zlib", "lzma"] = Field(
+        "lz4",
+        description="codec of the friend and nanoaod ROOT outputs: lz4 writes scores about 8 "
+        "times faster than zlib for files about 40% larger (ROOT and uproot read all three)",
+    )
     name: str = Field(
         "score",
         pattern=r"^[A-Za-z][A-Za-z0-9_]*$",

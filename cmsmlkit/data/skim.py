@@ -49,7 +49,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -687,39 +687,57 @@ def _select(
     return ak.zip(columns, depth_limit=1), cutflow
 
 
+def _events(file: Any, tree: str, start: int, stop: int, **options: Any) -> Any:
+    """coffea NanoEvents of entries [start, stop) of an open uproot file (``preload``: read together)."""
+    from coffea.nanoevents import NanoEventsFactory
+
+    meta = {"filename": file.file_path, "treename": tree, "entrystart": start, "entrystop": stop}
+    with warnings.catch_warnings():
+        _quiet_coffea()
+        return NanoEventsFactory.from_root(
+            file=file,
+            treepath=tree,
+            schemaclass=_QuietNanoAODSchema,
+            metadata={**meta, **options.pop("metadata", {})},
+            mode="virtual",
+            entry_start=start,
+            entry_stop=stop,
+            **options,
+        ).events()
+
+
+def _trace(
+    path: str, tree: str, function: Callable[[Any], Any], metadata: dict[str, Any] | None = None
+) -> list[str]:
+    """The branches ``function`` reads from NanoEvents of ``path``: traced on zero events.
+
+    coffea's ``trace_with_length_zero_array`` runs it on a length-zero copy of
+    the file's events and records the branches touched; no event data is read.
+    """
+    import uproot
+    from coffea.nanoevents.trace import trace_with_length_zero_array
+
+    with uproot.open(path) as file:
+        events = _events(file, tree, 0, 0, metadata=metadata or {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return sorted(trace_with_length_zero_array(function, events, throw=True))
+
+
 def _preload(files: dict[str, str], instance: _SkimProcessor, dataset: str) -> dict[str, Any]:
     """``{"preload": branches}``: what the selection reads, so coffea reads it in one go per chunk.
 
-    Traced on a length-zero copy of the first file's events (coffea's
-    ``trace_with_length_zero_array``: no event data is read). Reading the
-    branches together, as ``uproot.iterate`` does, is faster than branch by
-    branch on first use. A selection that cannot be traced reads lazily
-    instead, as does one with a ``function`` (which may need real events).
+    Traced on the first file (:func:`_trace`). Reading the branches together,
+    as ``uproot.iterate`` does, is faster than branch by branch on first use.
+    A selection that cannot be traced reads lazily instead, as does one with a
+    ``function`` (which may need real events).
     """
-    import uproot
-    from coffea.nanoevents import NanoEventsFactory
-    from coffea.nanoevents.trace import trace_with_length_zero_array
-
     path, tree = next(iter(files.items()))
-    meta = {"dataset": dataset, "filename": path, "treename": tree}
     try:
-        with warnings.catch_warnings(), uproot.open(path) as file:
-            _quiet_coffea()
-            events = NanoEventsFactory.from_root(
-                file=file,
-                treepath=tree,
-                schemaclass=_QuietNanoAODSchema,
-                metadata={**meta, "entrystart": 0, "entrystop": 0},
-                mode="virtual",
-                entry_start=0,
-                entry_stop=0,
-            ).events()
-            warnings.simplefilter("ignore", RuntimeWarning)
-            names = trace_with_length_zero_array(instance.process, events, throw=True)
+        return {"preload": _trace(path, tree, instance.process, {"dataset": dataset})}
     except Exception as exc:  # the run itself reports real errors
         log.debug("no preload for %s (tracing failed: %s)", dataset, exc)
         return {}
-    return {"preload": sorted(names)}
 
 
 def _weights(events: Any) -> np.ndarray:
@@ -1075,6 +1093,76 @@ class Skimmer:
         return MissingBranchError(
             f"{where} needs the branch '{branch}', which is not in {branches.path}.{hint}"
         )
+
+    # ------------------------------------------------------------------ one file, in this process
+
+    def branches(
+        self,
+        path: str,
+        tree: str = "Events",
+        *,
+        collections: Mapping[str, Iterable[str]] | None = None,
+    ) -> list[str]:
+        """The branches the selection reads from ``path``, after checking them against the file.
+
+        Raises :class:`~cmsmlkit.errors.InputFileError` for a file that is
+        missing or not ROOT and :class:`~cmsmlkit.errors.MissingBranchError`
+        (with the nearest names) for a branch the selection needs that the
+        file lacks. ``collections`` as in :meth:`select`.
+
+        >>> Skimmer(selection={"cuts": ["num(Jet) >= 2"]}).branches("nano.root")  # doctest: +SKIP
+        ['Jet_pt', ..., 'event', 'genWeight', 'luminosityBlock', 'nJet', 'run']
+        """
+        _open_check(path, tree)
+        if self.function is None:
+            self._check_branches(_read_branches(path, tree), _stem_of(path))
+        try:
+            return _trace(path, tree, lambda events: self.select(events, collections=collections))
+        except CmsmlError:
+            raise
+        except Exception as exc:
+            raise InputFileError(
+                f"cannot read the structure of {path}:{tree} ({type(exc).__name__}: {exc})."
+            ) from None
+
+    def iterate(
+        self,
+        path: str,
+        tree: str = "Events",
+        *,
+        collections: Mapping[str, Iterable[str]] | None = None,
+    ) -> Iterator[tuple[Any, ak.Array, dict[str, dict[str, float]]]]:
+        """Select ``path`` chunk by chunk in this process: ``(events, records, cutflow)`` per chunk.
+
+        The file is opened once and each chunk (``chunksize`` entries) reads
+        the branches the selection needs together (:meth:`branches`, which
+        also checks them first). ``events`` are the chunk's NanoEvents (every
+        entry: their ``run``, ``event``, ``genWeight`` are already read),
+        ``records`` and ``cutflow`` what :meth:`select` gives. For one file
+        in a script or a prediction; :meth:`run` is the way for filesets.
+
+        >>> for events, records, cutflow in Skimmer(...).iterate("nano.root"):  # doctest: +SKIP
+        ...     print(len(events), len(records))
+        """
+        import uproot
+
+        branches = self.branches(path, tree, collections=collections)
+        with uproot.open(path) as file:
+            n = file[tree].num_entries
+            step = self.config.chunksize
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                try:
+                    events = _events(file, tree, start, stop, preload=branches)
+                    records, cutflow = self.select(events, collections=collections)
+                except CmsmlError:
+                    raise
+                except Exception as exc:
+                    raise InputFileError(
+                        f"cannot read {path} (entries {start} to {stop}): {_root_cause(exc)}. "
+                        "Check the file with uproot.open; it may be truncated or corrupt."
+                    ) from None
+                yield events, records, cutflow
 
     # ------------------------------------------------------------------ work
 
@@ -1606,6 +1694,11 @@ def _match_fields(available: list[str], patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         chosen.extend(f for f in fnmatch.filter(available, pattern) if f not in chosen)
     return chosen
+
+
+def _stem_of(path: str) -> str:
+    """A file's name without directories and suffix (what error messages call its dataset)."""
+    return Path(path.split("?", 1)[0]).stem
 
 
 def _unwrap(exc: BaseException) -> BaseException:

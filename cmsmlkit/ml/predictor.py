@@ -61,7 +61,6 @@ from ..errors import (
     BundleError,
     ConfigError,
     DataError,
-    EmptySelectionError,
     InputFileError,
     MissingBranchError,
     MissingDependencyError,
@@ -662,41 +661,52 @@ class Predictor:
         return self._skimmer
 
     def _score_nanoaod(self, path: str, *, is_mc: bool = True) -> FileScores:
-        name = _stem(path)
-        fileset = {
-            name: {
-                "files": {path: "Events"},
-                "metadata": {"dataset": name, "label": self.class_names[0], "is_mc": is_mc},
-            }
-        }
-        try:
-            result = self.skimmer.run(fileset)
-            events = result.arrays[name]
-        except EmptySelectionError:
-            log.warning("%s: no event passes the bundle's selection", path)
-            events = None
-        input_ids, genweight = _read_ids(path)
-        n_input = len(input_ids["event"])
-        if events is None or len(events) == 0:
-            scores = np.zeros((0, len(self.class_names)), np.float32)
-            entry = np.zeros(0, np.int64)
-            weight = np.zeros(0, np.float64)
-        else:
-            import awkward as ak
+        """Select, pad and score ``path`` chunk by chunk (:meth:`Skimmer.iterate`: one open file).
 
-            scores = self._score_skimmed(events, path).scores
-            selected = np.stack([ak.to_numpy(events[k]) for k in _EVENT_ID], axis=1)
-            all_ids = np.stack([input_ids[k] for k in _EVENT_ID], axis=1)
-            entry = align_events(all_ids, selected)
-            weight = genweight[entry] if is_mc else np.ones(len(entry))
+        Each chunk's event ids and weights come with the chunk (the selection
+        reads them anyway); its selected events are placed among them by
+        their (run, luminosityBlock, event).
+        """
+        import awkward as ak
+
+        types = _event_id_types(path)
+        used = {f.collection for f in self.bundle.features if f.collection}
+        keep = {
+            coll: list(dict.fromkeys([*spec.get("fields", []), *_sort_field(spec)]))
+            for coll, spec in self.bundle.padding.items()
+            if coll in used
+        }
+        ids: dict[str, list[np.ndarray]] = {k: [] for k in _EVENT_ID}
+        weights: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        entries: list[np.ndarray] = []
+        offset = 0
+        for events, records, _ in self.skimmer.iterate(path, collections=keep):
+            chunk_ids = {k: ak.to_numpy(events[k]) for k in _EVENT_ID}
+            for k in _EVENT_ID:
+                ids[k].append(chunk_ids[k])
+            weights.append(_genweight(events, is_mc))
+            if len(records):
+                scores.append(self._score_skimmed(records, path).scores)
+                selected = np.stack([ak.to_numpy(records[k]) for k in _EVENT_ID], axis=1)
+                every = np.stack([chunk_ids[k] for k in _EVENT_ID], axis=1)
+                entries.append(align_events(every, selected) + offset)
+            offset += len(events)
+        input_ids = {k: _joined(v, types[k]) for k, v in ids.items()}
+        genweight = _joined(weights, np.float64)
+        entry = _joined(entries, np.int64)
+        if not len(entry):
+            log.warning("%s: no event passes the bundle's selection", path)
         return FileScores(
             source=path,
-            scores=scores,
+            scores=np.concatenate(scores)
+            if scores
+            else np.zeros((0, len(self.class_names)), np.float32),
             entry=entry,
-            n_input=n_input,
+            n_input=offset,
             input_ids=input_ids,
-            weight=weight,
-            sumw=float(genweight.sum()) if is_mc else float(n_input),
+            weight=genweight[entry],
+            sumw=float(genweight.sum()),
         )
 
     def _score_skimmed(self, events: Any, source: str) -> FileScores:
@@ -1123,8 +1133,11 @@ def _normalise_fileset(fileset: Any) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- reading ids
 
 
-def _read_ids(path: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """run, luminosityBlock, event of every entry of ``Events``, and genWeight (1 if absent)."""
+def _event_id_types(path: str) -> dict[str, Any]:
+    """The dtypes of run, luminosityBlock and event in ``path``; refuse a file that lacks one.
+
+    Without them the scores could not be aligned with the input events.
+    """
     import uproot
 
     try:
@@ -1134,21 +1147,27 @@ def _read_ids(path: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
             missing = [k for k in _EVENT_ID if k not in names]
             if missing:
                 raise MissingBranchError(
-                    f"{path}:Events has no {', '.join(missing)}; the scores cannot be aligned with "
-                    "the input events without them."
+                    f"{path}:Events has no {', '.join(missing)}; the scores cannot be aligned "
+                    "with the input events without them."
                 )
-            wanted = [*_EVENT_ID, *(["genWeight"] if "genWeight" in names else [])]
-            arrays = tree.arrays(wanted, library="np")
-    except InputFileError:
+            return {k: np.dtype(tree[k].interpretation.to_dtype) for k in _EVENT_ID}
+    except MissingBranchError:
         raise
-    except Exception as exc:
-        raise InputFileError(
-            f"cannot read the event ids of {path} ({type(exc).__name__}: {exc})."
-        ) from None
-    ids = {k: arrays[k] for k in _EVENT_ID}
-    weight = arrays.get("genWeight")
-    genweight = np.asarray(weight, np.float64) if weight is not None else np.ones(len(ids["event"]))
-    return ids, genweight
+    except Exception:  # a missing or broken file: the Skimmer's check says what is wrong
+        return {k: np.dtype(np.int64) for k in _EVENT_ID}
+
+
+def _genweight(events: Any, is_mc: bool) -> np.ndarray:
+    """genWeight per event of a chunk (1 for collision data, or where the branch is absent)."""
+    import awkward as ak
+
+    if is_mc and "genWeight" in getattr(events, "fields", []):
+        return ak.to_numpy(events["genWeight"]).astype(np.float64)
+    return np.ones(len(events), dtype=np.float64)
+
+
+def _joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
 def _sort_field(spec: Mapping[str, Any]) -> list[str]:
@@ -1236,7 +1255,7 @@ def _write_friend(predictor: Predictor, target: Path, result: FileScores) -> Non
     for i, name in enumerate(predictor.score_names):
         branches[name] = np.ascontiguousarray(full[:, i])
     branches[f"{predictor.config.name}_selected"] = selected
-    with _atomic(target) as tmp, uproot.recreate(tmp) as file:
+    with _atomic(target) as tmp, uproot.recreate(tmp, compression=_codec(predictor)) as file:
         tree = file.mktree(
             FRIEND_TREE,
             {k: v.dtype for k, v in branches.items()},
@@ -1244,6 +1263,15 @@ def _write_friend(predictor: Predictor, target: Path, result: FileScores) -> Non
         )
         for start in range(0, result.n_input, _STEP):
             tree.extend({k: v[start : start + _STEP] for k, v in branches.items()})
+
+
+def _codec(predictor: Predictor) -> Any:
+    """uproot's compression for the ROOT outputs (``predict.compression``)."""
+    import uproot
+
+    return {"lz4": uproot.LZ4(1), "zlib": uproot.ZLIB(1), "lzma": uproot.LZMA(1)}[
+        predictor.config.compression
+    ]
 
 
 def _write_nanoaod(predictor: Predictor, target: Path, result: FileScores) -> None:
@@ -1255,7 +1283,7 @@ def _write_nanoaod(predictor: Predictor, target: Path, result: FileScores) -> No
     with (
         _atomic(target) as tmp,
         uproot.open(result.source) as source,
-        uproot.recreate(tmp) as out,
+        uproot.recreate(tmp, compression=_codec(predictor)) as out,
     ):
         for name, classname in source.classnames(cycle=False, recursive=False).items():
             if classname != "TTree":

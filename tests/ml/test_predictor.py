@@ -128,6 +128,8 @@ def test_friend_tree_has_one_entry_per_input_event(demo_chain, tmp_path):
     for key in ("run", "luminosityBlock", "event"):
         np.testing.assert_array_equal(mine[key], theirs[key])
         assert mine[key].dtype == theirs[key].dtype
+    with uproot.open(path) as friend:  # predict.compression: lz4 by default
+        assert type(friend.file.compression).__name__ == "LZ4"
     chosen = mine["score_selected"]
     assert chosen.sum() == len(selected_scores) and 0 < chosen.sum() < 1500
     np.testing.assert_allclose(mine["score_signal"][chosen], selected_scores[:, 0], atol=1e-7)
@@ -523,3 +525,12 @@ def test_repr_names_the_bundle(demo_chain):
     assert "not loaded yet" in repr(predictor)
     _ = predictor.bundle
     assert "signal" in repr(predictor) and "backend='torch'" in repr(predictor)
+
+
+def test_friend_tree_compression_is_configurable(demo_chain, tmp_path):
+    new = str(demo_chain.files["new"][0])
+    predictor = Predictor.from_bundle(demo_chain.bundle, formats=["friend"], compression="zlib")
+    (path,) = predictor.predict_files([new], tmp_path)
+    with uproot.open(path) as friend:
+        assert type(friend.file.compression).__name__ == "ZLIB"
+        assert friend["Friends"].num_entries == 1500
