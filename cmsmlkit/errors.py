@@ -20,6 +20,8 @@ __all__ = [
     "DataError",
     "BundleError",
     "MissingDependencyError",
+    "SubmitError",
+    "ProxyError",
     "closest",
 ]
 
@@ -81,3 +83,11 @@ class BundleError(CmsmlError, ValueError):
 
 class MissingDependencyError(CmsmlError, ImportError):
     """An optional package is not installed; the message gives the pip line."""
+
+
+class SubmitError(CmsmlError, RuntimeError):
+    """A batch job could not be written or submitted (scheduler missing, submission refused)."""
+
+
+class ProxyError(SubmitError):
+    """The GRID proxy a batch job needs is missing, unreadable or expired."""

@@ -24,12 +24,12 @@ from typing import Any
 from .config import STAGES, PipelineConfig, build_config, config_hash
 from .errors import ConfigError
 
-__all__ = ["Pipeline", "PipelineResult"]
+__all__ = ["NEEDS", "Pipeline", "PipelineResult"]
 
 log = logging.getLogger(__name__)
 
 #: The sections each stage needs, besides its own.
-_NEEDS: dict[str, tuple[str, ...]] = {
+NEEDS: dict[str, tuple[str, ...]] = {
     "skim": ("source", "skim"),
     "convert": ("convert",),
     "train": ("train",),
@@ -151,15 +151,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stamps
 
-    def _stamp_path(self, stage: str) -> Path:
+    def stamp_path(self, stage: str) -> Path:
+        """Where the record of a finished ``stage`` lives: ``<base_dir>/.cmsml/<stage>.json``."""
         return self.base_dir / ".cmsml" / f"{stage}.json"
 
-    def _hash(self, stage: str) -> str:
+    def stage_hash(self, stage: str) -> str:
+        """The hash of what decides ``stage``'s outputs: its section and every one upstream."""
         return config_hash(*(getattr(self.config, s) for s in _DEPENDS[stage]))
 
     def _done(self, stage: str) -> list[Path] | None:
         """The outputs of a finished stage for the same config, or None."""
-        stamp = self._stamp_path(stage)
+        stamp = self.stamp_path(stage)
         if not stamp.is_file():
             return None
         try:
@@ -168,7 +170,7 @@ class Pipeline:
             return None
         outputs = [Path(p) for p in record.get("outputs", [])]
         if (
-            record.get("hash") != self._hash(stage)
+            record.get("hash") != self.stage_hash(stage)
             or not outputs
             or not all(p.exists() for p in outputs)
         ):
@@ -176,11 +178,11 @@ class Pipeline:
         return outputs
 
     def _mark_done(self, stage: str, outputs: list[Path]) -> None:
-        stamp = self._stamp_path(stage)
+        stamp = self.stamp_path(stage)
         stamp.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "stage": stage,
-            "hash": self._hash(stage),
+            "hash": self.stage_hash(stage),
             "outputs": [str(p) for p in outputs],
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -208,7 +210,7 @@ class Pipeline:
         for stage in wanted:
             if stage not in STAGES:
                 raise ConfigError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}.")
-            missing = [s for s in _NEEDS[stage] if getattr(self.config, s) is None]
+            missing = [s for s in NEEDS[stage] if getattr(self.config, s) is None]
             if (
                 stage == "convert"
                 and self.config.source is None

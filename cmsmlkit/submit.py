@@ -44,8 +44,8 @@ from typing import Any
 from .cluster import grid_proxy
 from .config import STAGES, SubmitConfig, build_config, dump_yaml
 from .data.source import is_das_dataset, is_remote
-from .errors import CmsmlError, ConfigError, did_you_mean
-from .pipeline import _NEEDS, Pipeline
+from .errors import ConfigError, ProxyError, SubmitError, did_you_mean
+from .pipeline import NEEDS, Pipeline
 
 __all__ = [
     "SUBMIT_STAGES",
@@ -62,14 +62,6 @@ __all__ = [
 
 #: What can be submitted: every stage, and ``run`` for the whole pipeline.
 SUBMIT_STAGES = (*STAGES, "run")
-
-
-class SubmitError(CmsmlError, RuntimeError):
-    """A job could not be written or submitted (scheduler missing, submission refused)."""
-
-
-class ProxyError(SubmitError):
-    """The GRID proxy a job needs is missing, unreadable or expired."""
 
 
 # --------------------------------------------------------------------------- units
@@ -479,7 +471,7 @@ class _Plan:
                 self.stamps[section] = dest + marker
         reads = set(self.stages)
         for stage in self.stages:
-            reads.update(_NEEDS[stage])
+            reads.update(NEEDS[stage])
         if "convert" in reads and cfg.convert is not None:
             # convert skims in memory with the skim: selection, or streams convert.inputs
             if cfg.skim is not None:
@@ -647,10 +639,10 @@ def _wrapper(plan: _Plan, job_dir: Path, name: str) -> str:
         lines += ["", "# record the stages as done, so that `cmsml run` there skips them"]
     for stage, output in plan.stamps.items():
         # the same record Pipeline writes: the hash of the submitted config, the output
-        stamp = plan.pipeline._stamp_path(stage)
+        stamp = plan.pipeline.stamp_path(stage)
         record = {
             "stage": stage,
-            "hash": plan.pipeline._hash(stage),
+            "hash": plan.pipeline.stage_hash(stage),
             "outputs": [output],
             "job": name,
         }
@@ -817,7 +809,7 @@ def submit(
     if config.max_runtime is not None:
         _seconds(config.max_runtime, "max_runtime")
     if stage != "run":
-        missing = [s for s in _NEEDS[stage] if getattr(pipeline.config, s) is None]
+        missing = [s for s in NEEDS[stage] if getattr(pipeline.config, s) is None]
         convert = pipeline.config.convert
         if (
             stage == "convert"
