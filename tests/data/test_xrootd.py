@@ -154,3 +154,41 @@ def test_missing_remote_file_is_reported_or_skipped(remote):
     assert "set skim.skip_bad_files: true" in out["error"]
     assert list(out["skipped"]["dy"]) == [missing]
     assert out["events"] == 40
+
+
+def test_predictor_scores_a_file_over_root_as_it_scores_it_locally(
+    xrootd_server,  # noqa: F811
+    demo_chain,
+    tmp_path,
+):
+    """Predictions on a root:// input: the friend tree equals the local one, entry by entry."""
+    import numpy as np
+    import uproot
+
+    from cmsmlkit import Predictor
+
+    new = demo_chain.files["new"][0]
+    lfn = "/store/mc/Test/New/NANOAODSIM/v1/new.root"
+    xrootd_server.put(new, lfn)
+    url = xrootd_server.url_for(lfn)
+    remote_dir = tmp_path / "remote"
+    run_client(
+        xrootd_server,
+        tmp_path,
+        f"""
+        from cmsmlkit import Predictor
+        report = Predictor.from_bundle({str(demo_chain.bundle)!r}, formats=["friend"]).predict_files(
+            [{url!r}], {str(remote_dir)!r}
+        )
+        out["outputs"] = [str(p) for p in report]
+        """,
+    )
+    local = Predictor.from_bundle(demo_chain.bundle, formats=["friend"])
+    (local_path,) = local.predict_files([str(new)], tmp_path / "local")
+    with uproot.open(remote_dir / "new.friend.root") as r, uproot.open(local_path) as lo:
+        remote_scores = r["Friends"].arrays(library="np")
+        local_scores = lo["Friends"].arrays(library="np")
+    assert remote_scores.keys() == local_scores.keys()
+    assert len(local_scores["event"]) == 1500 and local_scores["score_selected"].sum() > 0
+    for key, values in local_scores.items():
+        np.testing.assert_array_equal(remote_scores[key], values)
