@@ -3,9 +3,13 @@
 Generates a NanoAOD-like file (toy ttbar events: Jet, Muon, Electron and about
 20 scalar branches, ZLIB-compressed as uproot writes it), then prints, in one run:
 
-* events/s of plain ``uproot.iterate`` over the same branches (the floor),
-* events/s of ``HDF5Writer.convert`` with default settings, and their ratio,
+* events/s of plain ``uproot.iterate`` over the same branches and step (the floor),
+* events/s of ``HDF5Writer.convert`` with default settings, and their ratio
+  (best of ``--repeat`` runs each, interleaved, with the load average: the ratio
+  drops when other processes compete for the cores),
 * peak RSS of a conversion of N and of 4N events (each in a fresh subprocess),
+  the part of it that the imports take, and whether anything heavy (torch,
+  coffea, dask) was imported,
 * output size and speed per codec.
 
 Run::
@@ -99,13 +103,18 @@ else:
     import os
     import awkward, hdf5plugin, uproot, cmsmlkit.cluster  # imported before the clock, as above
     from cmsmlkit.data.hdf5 import HDF5Writer
+    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kwargs = {} if compression == "default" else {"compression": compression}
     writer = HDF5Writer(output=out, **kwargs)
     t0 = time.perf_counter()
     result = writer.convert([path])
     seconds = time.perf_counter() - t0
     n = result.n_events
-    extra = {"size": os.path.getsize(out), "compression": writer.config.compression}
+    extra = {"size": os.path.getsize(out), "compression": writer.config.compression,
+             "imports_rss": imports_rss, "step_size": writer.config.step_size}
+    heavy = [m for m in ("torch", "lightning", "coffea", "dask", "distributed", "optuna")
+             if m in sys.modules]
+    extra["heavy"] = heavy
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 cpu = time.process_time()
 print(json.dumps({"n": n, "seconds": seconds, "rss": rss, "cpu": cpu, **extra}))
@@ -130,7 +139,7 @@ def child(mode: str, path: Path, out: Path, compression: str = "default") -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="events of the main file")
-    parser.add_argument("--repeat", type=int, default=2, help="best of this many timings")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many timings")
     parser.add_argument(
         "--data-dir", default=str(Path(tempfile.gettempdir()) / "cmsmlkit-bench-convert")
     )
@@ -155,7 +164,10 @@ def main() -> None:
     floor = min(floors, key=lambda r: r["seconds"])
     conv = min(convs, key=lambda r: r["seconds"])
     floor_rate, conv_rate = n / floor["seconds"], n / conv["seconds"]
-    print(f"branches read: {floor['branches']}  step_size: 131072  events: {n}")
+    print(
+        f"branches read: {floor['branches']}  step_size: {conv['step_size']}  events: {n}  "
+        f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     print(
         f"plain uproot.iterate (floor):   {floor_rate:12,.0f} events/s  "
         f"(peak RSS {floor['rss'] / 1e6:.0f} MB)"
@@ -167,6 +179,10 @@ def main() -> None:
         f"(ratio {floor['cpu'] / conv['cpu']:.2f})"
     )
     print(f"peak RSS, convert {n:>9,} events: {conv['rss'] / 1e6:8.0f} MB")
+    print(
+        f"  of which imports (numpy, uproot, awkward, h5py, hdf5plugin, cmsmlkit): "
+        f"{conv['imports_rss'] / 1e6:.0f} MB; heavy modules imported: {conv['heavy'] or 'none'}"
+    )
     if big is not None:
         big_run = child("convert", big, out)
         print(

@@ -372,7 +372,10 @@ class ConvertConfig(BaseConfig):
         description="collections to write, by name or wildcard ('all' or '*': every one)",
     )
     step_size: int = Field(
-        131072, ge=1, description="events read and written at a time (peak memory follows it)"
+        65536,
+        ge=1,
+        description="events read and written at a time (peak memory follows it; 65536 keeps "
+        "a conversion under about 400 MB and reads as fast as larger steps)",
     )
     merge: bool = Field(
         True,
@@ -641,14 +644,35 @@ class TuneConfig(BaseConfig):
     sampler: Literal["tpe", "random", "cmaes"] = Field(
         "tpe", description="Optuna sampler: tpe, random, or cmaes (pip install cmaes)"
     )
-    pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="stops hopeless trials on the validation AUC of each epoch"
+    pruner: Literal["asha", "median", "percentile", "hyperband", "none"] = Field(
+        "asha",
+        description="stops hopeless trials on the validation AUC of each epoch: asha "
+        "(successive halving: a trial goes on past epochs 2, 5, 17, ... only while in the best "
+        "1/pruner_reduction_factor of the trials that got there, and is stopped after its "
+        "first epoch when below the median), median (below the median of the finished trials "
+        "at the same epoch), percentile (outside their best pruner_percentile percent), "
+        "hyperband, or none",
     )
     pruner_startup_trials: int = Field(
-        3, ge=0, description="median: trials that run to the end before any is pruned"
+        3,
+        ge=0,
+        description="median, percentile, asha's first-epoch cut: trials that run to the end "
+        "before any is pruned",
     )
     pruner_warmup_epochs: int = Field(
-        1, ge=0, description="median: epochs of every trial before it can be pruned"
+        0,
+        ge=0,
+        description="median, percentile, asha: epochs of every trial before it can be pruned "
+        "(0: pruned after its first epoch)",
+    )
+    pruner_percentile: float = Field(
+        25.0,
+        gt=0,
+        le=100,
+        description="percentile: a trial goes on while in the best this many percent",
+    )
+    pruner_reduction_factor: int = Field(
+        4, ge=2, description="asha: one trial in this many goes on at each rung"
     )
     threads_per_trial: int | None = Field(
         None,

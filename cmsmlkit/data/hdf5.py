@@ -84,6 +84,8 @@ EVENT_ID_FIELDS = ("run", "luminosityBlock", "event")
 RESERVED_FIELDS = (*EVENT_ID_FIELDS, "genWeight")
 #: Rows per HDF5 chunk (same for every dataset, so the reader's blocks line up).
 CHUNK_ROWS = 32768
+#: Events per step of the first pass over the counter branches (and genWeight).
+SCAN_STEP = 1_000_000
 #: Root attributes stored as JSON text.
 JSON_ATTRS = (
     "padding",
@@ -124,9 +126,16 @@ def _filter_kwargs(compression: str) -> dict[str, Any]:
     if compression.startswith("blosc2-"):
         import hdf5plugin
 
+        # one blosc2 thread per HDF5 chunk: the conversion overlaps reading, padding and
+        # writing in threads of its own, and blosc2's default threading (a context per
+        # chunk) took twice the CPU time and up to 3x the wall time (benchmarks/convert.py).
+        # The filter reads BLOSC_NTHREADS for every chunk; a value the user set is kept.
+        os.environ.setdefault("BLOSC_NTHREADS", "1")
+        # bit shuffle: padded float32 columns come out smaller than with byte shuffle,
+        # and compress and decompress faster (fewer bytes for lz4/zstd to handle)
         return dict(
             hdf5plugin.Blosc2(
-                cname=compression.split("-", 1)[1], clevel=5, filters=hdf5plugin.Blosc2.SHUFFLE
+                cname=compression.split("-", 1)[1], clevel=5, filters=hdf5plugin.Blosc2.BITSHUFFLE
             )
         )
     if compression == "none":
@@ -400,7 +409,9 @@ class HDF5Writer:
         Each file is read with ``uproot`` in chunks of ``step_size`` events; the
         chosen collections are padded on the offsets and every chunk is appended
         to resizable datasets, so peak memory follows ``step_size``, not the
-        input size. Files convert in parallel on the writer's ``cluster``.
+        input size (benchmarks/convert.py: about 400 MB for 1M and for 4M events
+        at the default 65536, imports included). Reading, padding and writing
+        overlap in threads. Files convert in parallel on the writer's ``cluster``.
 
         Parameters
         ----------
@@ -1064,8 +1075,14 @@ def _scan_file(item: tuple[str, str]) -> dict[str, Any]:
             n_events = int(tree.num_entries)
             hists: dict[str, np.ndarray] = {}
             counters = [c["counter"] for c in layout["collections"].values()]
-            if counters and n_events:
-                for arrays in tree.iterate(counters, step_size=1_000_000, library="np"):
+            runs_sumw = _runs_sumw(file)
+            # without a Runs tree the events' genWeight is summed in the same pass
+            weight = "genWeight" if runs_sumw is None and "genWeight" in layout["scalars"] else None
+            events_sumw = 0.0
+            wanted = counters + ([weight] if weight else [])
+            if wanted and n_events:
+                # in steps, so that the first pass holds no whole-file array
+                for arrays in tree.iterate(wanted, step_size=SCAN_STEP, library="np"):
                     for coll, c in layout["collections"].items():
                         h = np.bincount(np.asarray(arrays[c["counter"]]).astype(np.int64))
                         old = hists.get(coll, np.zeros(0, np.int64))
@@ -1073,7 +1090,13 @@ def _scan_file(item: tuple[str, str]) -> dict[str, Any]:
                             h, old = old, h
                         h[: len(old)] += old
                         hists[coll] = h
-            sumw = _sumw(file, tree, n_events)
+                    if weight:
+                        events_sumw += float(np.sum(arrays[weight], dtype=np.float64))
+                    del arrays
+            if runs_sumw is not None:
+                sumw = runs_sumw
+            else:
+                sumw = events_sumw if weight else float(n_events)
             try:
                 stat = os.stat(path)
                 file_id = [stat.st_size, stat.st_mtime_ns]
@@ -1096,13 +1119,11 @@ def _scan_file(item: tuple[str, str]) -> dict[str, Any]:
     }
 
 
-def _sumw(file: Any, tree: Any, n_events: int) -> float:
-    """Sum of genWeight before any cut: the ``Runs`` tree's genEventSumw, else the events'."""
+def _runs_sumw(file: Any) -> float | None:
+    """Sum of genWeight before any cut from the ``Runs`` tree's genEventSumw; None without it."""
     if "Runs" in file.keys(cycle=False) and "genEventSumw" in file["Runs"].keys():  # noqa: SIM118
         return float(np.sum(file["Runs"]["genEventSumw"].array(library="np")))
-    if "genWeight" in tree.keys() and n_events:  # noqa: SIM118
-        return float(np.sum(tree["genWeight"].array(library="np"), dtype=np.float64))
-    return float(n_events)
+    return None
 
 
 def _check_branches(path: str, tree: str, branches: list[str], plan: dict[str, Any]) -> None:
@@ -1301,8 +1322,12 @@ class _Appender:
 
     With ``background=True`` the writes (and the compression inside HDF5, which
     runs without the GIL) happen in a thread, overlapping the reading and
-    padding of the next chunk; :meth:`close` waits for them and re-raises any
-    error.
+    padding of the next chunk; :meth:`close` waits for them, writes the last
+    rows and re-raises any error.
+
+    Rows are written in whole HDF5 chunks (``CHUNK_ROWS``); the rest of an
+    append waits for the next one. With no chunk cache, a chunk written in two
+    parts would be compressed, read back, decompressed and compressed again.
     """
 
     def __init__(
@@ -1326,6 +1351,8 @@ class _Appender:
             for key, (shape, dtype) in columns.items()
         }
         self.n = 0
+        self._pending: list[Mapping[str, np.ndarray]] = []  # appended rows not yet written
+        self._pending_rows = 0
         self._queue: queue.Queue[Any] | None = None
         self._error: BaseException | None = None
         if background:
@@ -1342,13 +1369,16 @@ class _Appender:
         self._queue.put(cols)
 
     def close(self) -> None:
-        """Wait for the queued writes; raise what failed in the writing thread."""
+        """Wait for the queued writes, write the last rows; raise what failed in the thread."""
         if self._queue is not None:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
         if self._error is not None:
             raise self._error
+        if self._pending_rows:
+            self._store(self._join())
+        self._pending, self._pending_rows = [], 0
 
     def _work(self) -> None:
         assert self._queue is not None
@@ -1363,6 +1393,26 @@ class _Appender:
                     self._error = exc
 
     def _write(self, cols: Mapping[str, np.ndarray]) -> None:
+        self._pending.append(cols)
+        self._pending_rows += len(cols["label"])
+        if self._pending_rows < CHUNK_ROWS:
+            return
+        joined = self._join()
+        whole = self._pending_rows - self._pending_rows % CHUNK_ROWS
+        self._pending = (
+            [{k: v[whole:].copy() for k, v in joined.items()}]
+            if whole < len(joined["label"])
+            else []
+        )
+        self._pending_rows -= whole
+        self._store({k: v[:whole] for k, v in joined.items()})
+
+    def _join(self) -> Mapping[str, np.ndarray]:
+        if len(self._pending) == 1:
+            return self._pending[0]
+        return {k: np.concatenate([p[k] for p in self._pending]) for k in self.datasets}
+
+    def _store(self, cols: Mapping[str, np.ndarray]) -> None:
         n = len(cols["label"])
         for key, d in self.datasets.items():
             d.resize(self.n + n, axis=0)
@@ -1539,6 +1589,7 @@ def _merge(
                     position += take
                     remaining -= take
                     bar.update(int(take.sum()))
+            appender.close()
             _write_attrs(out, attrs)
         os.replace(tmp, output)
     except BaseException:

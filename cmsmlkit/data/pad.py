@@ -162,43 +162,45 @@ def pad(
             "Set sort_by to one of the fields, or to null to keep the file order."
         )
 
-    event = np.repeat(np.arange(n_events, dtype=np.int64), counts)
     starts = np.cumsum(counts) - counts
-    local = np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
-    order = None
-    if sort_by is not None and not _already_descending(event, flat[sort_by]):
+    slots = np.arange(max_len, dtype=np.int64)
+    mask = slots < counts[:, None]
+    # flat position of the object in each slot (a gather per field: no scatter, no fill
+    # pass); empty slots point one past the objects, where each field's pad value sits
+    source = starts[:, None] + slots
+    np.copyto(source, total, where=~mask)
+    if sort_by is not None and not _already_descending(counts, starts, flat[sort_by]):
+        event = np.repeat(np.arange(n_events, dtype=np.int64), counts)
         order = _descending_within_events(event, flat[sort_by])
+        source = np.append(order, total)[source]
 
-    keep = local < max_len
-    # flat destinations in the [N, L] arrays: one 1-D scatter per field
-    dest = (event * max_len + local)[keep]
-    taken = order[keep] if order is not None else np.flatnonzero(keep)
-    all_kept = taken.size == total and order is None
-
-    mask = np.zeros(n_events * max_len, dtype=bool)
-    mask[dest] = True
     padded: dict[str, np.ndarray] = {}
     for name, array in flat.items():
-        out = np.full(n_events * max_len, pad_value, dtype=np.float32)
-        out[dest] = array if all_kept else array[taken]
-        padded[name] = out.reshape(n_events, max_len)
-    mask = mask.reshape(n_events, max_len)
+        extended = np.empty(total + 1, dtype=np.float32)
+        extended[:total] = array
+        extended[total] = pad_value
+        padded[name] = extended.take(source)
     n_truncated = int(np.count_nonzero(counts > max_len))
     return Padded(values=padded, mask=mask, n_truncated=n_truncated)
 
 
-def _already_descending(event: np.ndarray, key: np.ndarray) -> bool:
+def _already_descending(counts: np.ndarray, starts: np.ndarray, key: np.ndarray) -> bool:
     """True when every event's objects already come largest first (NanoAOD stores them by pt).
 
-    Then the stable sort would keep the file order anyway, and is skipped.
+    Then the stable sort would keep the file order anyway, and is skipped. An object
+    larger than the one before it is allowed only as the first object of its event.
     """
     key = np.asarray(key, dtype=np.float32)
     if key.size < 2:
         return True
     if np.isnan(key).any():
         return False
-    same_event = event[1:] == event[:-1]
-    return bool(np.all((key[1:] <= key[:-1]) | ~same_event))
+    rising = np.flatnonzero(key[1:] > key[:-1]) + 1
+    if not rising.size:
+        return True
+    first = np.zeros(key.size, dtype=bool)
+    first[starts[counts > 0]] = True
+    return bool(first[rising].all())
 
 
 def _descending_within_events(event: np.ndarray, key: np.ndarray) -> np.ndarray:

@@ -240,3 +240,41 @@ def test_pad_of_already_sorted_objects_skips_the_sort_with_the_same_result(monke
     assert got.values["i"].tolist() == [[0.0, 1.0], [4.0, 3.0], [0.0, 0.0], [5.0, 6.0]]
     values["pt"][0] = np.nan  # NaN sorts last: the sort runs
     assert pad(counts, values, 3).values["i"][0].tolist() == [1.0, 2.0, 0.0]
+
+
+def test_pad_sort_check_allows_rises_only_between_events(monkeypatch):
+    from cmsmlkit.data import pad as pad_module
+
+    calls = []
+    real = pad_module._descending_within_events
+    monkeypatch.setattr(
+        pad_module, "_descending_within_events", lambda *a: calls.append(1) or real(*a)
+    )
+    # pt rises from 5 to 50 across an empty event: still NanoAOD order, no sort
+    got = pad(np.array([1, 0, 2]), {"pt": np.array([5.0, 50.0, 40.0])}, 2)
+    assert calls == []
+    assert got.values["pt"].tolist() == [[5.0, 0.0], [0.0, 0.0], [50.0, 40.0]]
+    # a rise inside the last event: sorted
+    got = pad(np.array([1, 0, 2]), {"pt": np.array([5.0, 40.0, 50.0])}, 2)
+    assert calls == [1]
+    assert got.values["pt"].tolist() == [[5.0, 0.0], [0.0, 0.0], [50.0, 40.0]]
+
+
+def test_pad_any_numeric_dtype_to_float32_with_a_nan_pad_value():
+    counts = np.array([2, 0, 3], dtype=np.int32)
+    values = {
+        "pt": np.array([9, 3, 8, 7, 1], dtype=np.int64),
+        "id": np.array([True, False, True, True, False]),
+        "charge": np.array([1, -1, -1, 1, 1], dtype=np.int8),
+    }
+    got = pad(counts, values, 4, pad_value=np.nan)
+    assert {k: v.dtype for k, v in got.values.items()} == dict.fromkeys(values, np.float32)
+    np.testing.assert_array_equal(
+        got.values["pt"], [[9, 3, np.nan, np.nan], [np.nan] * 4, [8, 7, 1, np.nan]]
+    )
+    np.testing.assert_array_equal(
+        got.values["id"], [[1, 0, np.nan, np.nan], [np.nan] * 4, [1, 1, 0, np.nan]]
+    )
+    np.testing.assert_array_equal(got.values["charge"][2], [-1, 1, 1, np.nan])
+    assert got.mask.tolist() == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+    assert got.n_truncated == 0

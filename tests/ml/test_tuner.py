@@ -169,7 +169,10 @@ def test_space_from_yaml_is_sampled_into_each_trial(demo_chain, tmp_path):
     assert best["train"]["learning_rate"] == pytest.approx(result.best_params["learning_rate"])
 
 
-@pytest.mark.parametrize("pruner, state", [("median", "PRUNED"), ("none", "COMPLETE")])
+@pytest.mark.parametrize(
+    "pruner, state",
+    [("asha", "PRUNED"), ("median", "PRUNED"), ("percentile", "PRUNED"), ("none", "COMPLETE")],
+)
 def test_a_hopeless_trial_is_pruned_after_its_first_epoch(demo_chain, tmp_path, pruner, state):
     out = tmp_path / "tune"
     space = {"learning_rate": {"low": 1.0e-8, "high": 1.0e-1, "log": True}}
@@ -197,6 +200,57 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(demo_chain, tmp_path, 
     assert trials[2]["epochs"] == (1 if state == "PRUNED" else 3)
     assert result.total_epochs == 6 + trials[2]["epochs"]
     assert result.n_pruned == (state == "PRUNED")
+
+
+#: Four finished trials, each better than the one before (validation AUC per epoch).
+FINISHED = [[0.70 + 0.02 * k + 0.01 * epoch for epoch in range(8)] for k in range(4)]
+#: Hopeless from the first epoch; above the median after it, then falling behind; the best.
+PROBES = ([0.5] * 8, [0.75] + [0.74] * 7, [0.80 + 0.01 * epoch for epoch in range(8)])
+
+
+def _pruned_at(study: optuna.Study, curve: list[float]) -> int | None:
+    """Report ``curve`` epoch by epoch as a trial of ``study``: the epoch it is pruned at, or None."""
+    trial = study.ask()
+    for epoch, value in enumerate(curve):
+        trial.report(value, epoch)
+        if trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return epoch
+    study.tell(trial, curve[-1])
+    return None
+
+
+@pytest.mark.parametrize(
+    "fields, pruned_at",
+    [
+        # the default: a median cut after the first epoch, then the best quarter goes on
+        ({}, [0, 1, None]),
+        ({"pruner": "asha", "pruner_warmup_epochs": 1}, [1, 1, None]),  # plain halving
+        ({"pruner": "median"}, [0, 3, None]),
+        ({"pruner": "percentile"}, [0, 1, None]),  # the best 25 %
+        ({"pruner": "percentile", "pruner_percentile": 60.0}, [0, 3, None]),
+        ({"pruner": "none"}, [None, None, None]),
+    ],
+)
+def test_each_pruner_stops_trials_at_the_epochs_it_promises(tmp_path, fields, pruned_at):
+    tuner = Tuner(output=str(tmp_path / "tune"), **fields)
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        direction="maximize",
+        pruner=tuner._pruner(),
+    )
+    assert [_pruned_at(study, curve) for curve in FINISHED] == [None] * 4
+    assert [_pruned_at(study, curve) for curve in PROBES] == pruned_at
+
+
+def test_pruner_settings_are_checked():
+    assert TuneConfig().pruner == "asha" and TuneConfig().pruner_warmup_epochs == 0
+    with pytest.raises(ConfigError, match=r"'pruner' must be one of 'asha', 'median', 'perc"):
+        Tuner(pruner="ahsa")
+    with pytest.raises(ConfigError, match="'pruner_percentile': Input should be less than or"):
+        Tuner(pruner="percentile", pruner_percentile=150)
+    with pytest.raises(ConfigError, match="'pruner_reduction_factor': Input should be greater"):
+        Tuner(pruner_reduction_factor=1)
 
 
 # --------------------------------------------------------------------------- crashes
@@ -328,6 +382,10 @@ def test_parallel_trials_on_two_workers_are_nested_mlflow_runs(demo_chain, tmp_p
         )
         curve = client.get_metric_history(child.info.run_id, "val_auc")
         assert [m.step for m in curve] == sorted(trial.intermediate_values)
+        # the pruner compares what the trial's run shows: the validation AUC of each epoch
+        assert [m.value for m in curve] == pytest.approx(
+            [trial.intermediate_values[m.step] for m in curve]
+        )
         assert child.info.status == ("FINISHED" if trial.state.name == "COMPLETE" else "KILLED")
     assert parent.data.metrics["best_val_auc"] == pytest.approx(result.best_value)
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "figures")}
@@ -422,7 +480,7 @@ def test_space_values_are_checked_against_the_training_config():
         "batch_size": {"low": 64, "high": 256},
     }
     assert repr(tuner) == (
-        "Tuner(n_trials=10, space=[learning_rate, batch_size], sampler='tpe', pruner='median', "
+        "Tuner(n_trials=10, space=[learning_rate, batch_size], sampler='tpe', pruner='asha', "
         "output='tune')"
     )
 
