@@ -647,9 +647,9 @@ class TuneConfig(BaseConfig):
     pruner: Literal["asha", "median", "percentile", "hyperband", "none"] = Field(
         "asha",
         description="stops hopeless trials on the validation AUC of each epoch: asha "
-        "(successive halving: a trial goes on past epochs 2, 5, 17, ... only while in the best "
-        "1/pruner_reduction_factor of the trials that got there, and is stopped after its "
-        "first epoch when below the median), median (below the median of the finished trials "
+        "(successive halving: a trial goes on past epochs 2, 5, 17, ... (factor 4) only while "
+        "in the best 1/pruner_reduction_factor of the trials that got there, and is stopped "
+        "after its first epoch when below the median), median (below the median of the finished trials "
         "at the same epoch), percentile (outside their best pruner_percentile percent), "
         "hyperband, or none",
     )
