@@ -26,28 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import branches_read
+
 from cmsmlkit.data.toy import DEMO_PADDING as PADDING
 from cmsmlkit.data.toy import DEMO_SKIM as SKIM
-
-
-def branches_read(predictor, path: Path, work: Path) -> list[str]:  # type: ignore[no-untyped-def]
-    """The branches the Predictor reads, recorded from uproot while it scores a small file."""
-    import uproot
-
-    seen: set[str] = set()
-    branch = uproot.behaviors.TBranch.TBranch
-    original = branch.entries_to_ranges_or_baskets  # every read of a branch's baskets asks it
-
-    def recording(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.add(self.name)
-        return original(self, *args, **kwargs)
-
-    branch.entries_to_ranges_or_baskets = recording
-    try:
-        predictor.predict_files([str(path)], work / "scores-small")
-    finally:
-        branch.entries_to_ranges_or_baskets = original
-    return sorted(seen)
 
 
 def _train(work: Path) -> Path:
@@ -119,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         small = work / "new_1000.root"
         if not small.exists():
             toy.write_nanoaod(small, "new", 1000, seed=12)
-        branches = branches_read(predictor, small, work)  # and coffea imported, as uproot is
+        # the branches it reads (and coffea imported, as uproot is for the baseline)
+        branches = branches_read(lambda: predictor.predict_files([str(small)], work / "small"))
         chunk = predictor.skimmer.config.chunksize
 
         def plain() -> int:

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from common import branches_read
+
 os.environ.setdefault("CMSMLKIT_PROGRESS", "0")  # no progress bar in the figures
 
 
@@ -47,30 +49,15 @@ def make_file(data_dir: Path, n_events: int) -> Path:
     return path
 
 
-def branches_read(skim, path: Path) -> list[str]:
+def skimmed_branches(skim, path: Path) -> list[str]:  # type: ignore[no-untyped-def]
     """The branches the Skimmer reads, recorded from uproot while it skims 1000 events."""
-    import uproot
-
     from cmsmlkit import Skimmer
     from cmsmlkit.data import toy
 
     small = path.with_name("ttbar_1000.root")
     if not small.exists():
         toy.write_nanoaod(small, "ttbar", 1000, seed=1)
-    seen: set[str] = set()
-    branch = uproot.behaviors.TBranch.TBranch
-    original = branch.entries_to_ranges_or_baskets  # every read of a branch's baskets asks it
-
-    def recording(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.add(self.name)
-        return original(self, *args, **kwargs)
-
-    branch.entries_to_ranges_or_baskets = recording
-    try:
-        Skimmer(skim).run({"ttbar": {"files": {str(small): "Events"}}})
-    finally:
-        branch.entries_to_ranges_or_baskets = original
-    return sorted(seen)
+    return branches_read(lambda: Skimmer(skim).run({"ttbar": {"files": {str(small): "Events"}}}))
 
 
 def run_uproot(path: Path, branches: list[str], chunksize: int) -> int:
@@ -159,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     with resources.as_file(demo) as demo_path:
         skim = SkimConfig.from_yaml(demo_path, section="skim")
     path = make_file(args.data_dir, args.events)
-    branches = branches_read(skim, path)
+    branches = skimmed_branches(skim, path)
     print(f"file: {path}, {args.events:,} events, chunksize {skim.chunksize:,}")
     print(f"branches the Skimmer reads ({len(branches)}): {' '.join(branches)}")
     load = os.getloadavg()[0]

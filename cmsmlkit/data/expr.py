@@ -832,15 +832,7 @@ def select(lists: Any, mask: Any) -> Any:
     np.cumsum(keep, out=passed[1:])
     new_offsets = passed[offsets] - passed[offsets[0]]
     index = np.flatnonzero(keep[offsets[0] : offsets[-1]]) + offsets[0]
-    content = src.content
-    if type(content) is ak.contents.IndexedArray:
-        index, content = np.asarray(content.index.data)[index], content.content
-    layout = ak.contents.ListOffsetArray(
-        ak.index.Index64(new_offsets),
-        ak.contents.IndexedArray(ak.index.Index64(index), content),
-        parameters=src.parameters,
-    )
-    return ak.Array(layout, behavior=lists.behavior, attrs=lists.attrs)
+    return _regrouped(lists, new_offsets, index)
 
 
 def take_events(lists: Any, mask: np.ndarray) -> Any:
@@ -856,11 +848,21 @@ def take_events(lists: Any, mask: np.ndarray) -> Any:
         return lists[mask]
     offsets = np.asarray(layout.offsets.data)
     new_offsets, position = positions(offsets[:-1][mask], offsets[1:][mask])
+    return _regrouped(lists, new_offsets, position)
+
+
+def _regrouped(lists: ak.Array, offsets: np.ndarray, position: np.ndarray) -> ak.Array:
+    """Lists of ``lists``' elements at ``position`` (content positions), cut at ``offsets``.
+
+    An index over the original records (one, however many selections deep),
+    so nothing is copied and the collection keeps its behaviour.
+    """
+    layout = lists.layout
     content = layout.content
     if type(content) is ak.contents.IndexedArray:
         position, content = np.asarray(content.index.data)[position], content.content
     out = ak.contents.ListOffsetArray(
-        ak.index.Index64(new_offsets),
+        ak.index.Index64(offsets),
         ak.contents.IndexedArray(ak.index.Index64(position), content),
         parameters=layout.parameters,
     )
