@@ -42,6 +42,7 @@ counts the chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import html
@@ -88,6 +89,8 @@ WEIGHT = "genWeight"
 #: The branch of a skimmed ROOT file holding the class index of its dataset.
 LABEL = "label"
 _RESERVED = (*EVENT_ID, WEIGHT, LABEL)
+#: The column of :meth:`Skimmer.select` ``entries=True``: each event's position in its chunk.
+ENTRY = "_entry"
 #: The cutflow step of the golden-JSON lumi mask.
 LUMI_STEP = "lumi_mask"
 #: What a skim output directory holds besides the ROOT files.
@@ -595,6 +598,7 @@ class _Layout:
     collections: dict[str, list[str]]
     branches: tuple[str, ...] = ()
     variables: tuple[str, ...] = ()
+    entry: bool = False  # add ENTRY: each selected event's position in the chunk
 
 
 @dataclass
@@ -629,6 +633,7 @@ def _select(
     n_in = len(events)
     weight = _weights(events)
     cutflow = {"all": {"events": n_in, "sumw": float(weight.sum())}}
+    origin = np.arange(n_in)  # the chunk position of each event still there
     if function is not None:
         events = function(events)
         weight = _weights(events)
@@ -640,6 +645,7 @@ def _select(
         )
         events = events[certified]
         weight = weight[certified]
+        origin = origin[certified]
         cutflow[LUMI_STEP] = {"events": len(events), "sumw": float(weight.sum())}
     objects: dict[str, Any] = {}
     for obj in plan.objects:
@@ -683,6 +689,13 @@ def _select(
         columns[name] = _branch(events, name)
     for name in EVENT_ID:
         columns[name] = ak.to_numpy(events[name]).astype(np.int64)
+    if layout.entry:
+        if function is not None:
+            raise ConfigError(
+                "the position of selected events in the chunk is not known after a function "
+                "(it may reorder or add events); select without entries=True."
+            )
+        columns[ENTRY] = origin[rows]
     columns[WEIGHT] = weight.astype(np.float64)
     return ak.zip(columns, depth_limit=1), cutflow
 
@@ -707,21 +720,19 @@ def _events(file: Any, tree: str, start: int, stop: int, **options: Any) -> Any:
 
 
 def _trace(
-    path: str, tree: str, function: Callable[[Any], Any], metadata: dict[str, Any] | None = None
+    file: Any, tree: str, function: Callable[[Any], Any], metadata: dict[str, Any] | None = None
 ) -> list[str]:
-    """The branches ``function`` reads from NanoEvents of ``path``: traced on zero events.
+    """The branches ``function`` reads from NanoEvents of an open file: traced on zero events.
 
     coffea's ``trace_with_length_zero_array`` runs it on a length-zero copy of
     the file's events and records the branches touched; no event data is read.
     """
-    import uproot
     from coffea.nanoevents.trace import trace_with_length_zero_array
 
-    with uproot.open(path) as file:
-        events = _events(file, tree, 0, 0, metadata=metadata or {})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return sorted(trace_with_length_zero_array(function, events, throw=True))
+    events = _events(file, tree, 0, 0, metadata=metadata or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return sorted(trace_with_length_zero_array(function, events, throw=True))
 
 
 def _preload(files: dict[str, str], instance: _SkimProcessor, dataset: str) -> dict[str, Any]:
@@ -732,9 +743,12 @@ def _preload(files: dict[str, str], instance: _SkimProcessor, dataset: str) -> d
     A selection that cannot be traced reads lazily instead, as does one with a
     ``function`` (which may need real events).
     """
+    import uproot
+
     path, tree = next(iter(files.items()))
     try:
-        return {"preload": _trace(path, tree, instance.process, {"dataset": dataset})}
+        with uproot.open(path) as file:
+            return {"preload": _trace(file, tree, instance.process, {"dataset": dataset})}
     except Exception as exc:  # the run itself reports real errors
         log.debug("no preload for %s (tracing failed: %s)", dataset, exc)
         return {}
@@ -1113,11 +1127,23 @@ class Skimmer:
         >>> Skimmer(selection={"cuts": ["num(Jet) >= 2"]}).branches("nano.root")  # doctest: +SKIP
         ['Jet_pt', ..., 'event', 'genWeight', 'luminosityBlock', 'nJet', 'run']
         """
+        import uproot
+
         _open_check(path, tree)
+        with uproot.open(path) as file:
+            return self._branches_in(file, path, tree, collections)
+
+    def _branches_in(
+        self,
+        file: Any,
+        path: str,
+        tree: str,
+        collections: Mapping[str, Iterable[str]] | None,
+    ) -> list[str]:
         if self.function is None:
-            self._check_branches(_read_branches(path, tree), _stem_of(path))
+            self._check_branches(_Branches(path, list(file[tree].keys())), _stem_of(path))
         try:
-            return _trace(path, tree, lambda events: self.select(events, collections=collections))
+            return _trace(file, tree, lambda events: self.select(events, collections=collections))
         except CmsmlError:
             raise
         except Exception as exc:
@@ -1131,6 +1157,7 @@ class Skimmer:
         tree: str = "Events",
         *,
         collections: Mapping[str, Iterable[str]] | None = None,
+        entries: bool = False,
     ) -> Iterator[tuple[Any, ak.Array, dict[str, dict[str, float]]]]:
         """Select ``path`` chunk by chunk in this process: ``(events, records, cutflow)`` per chunk.
 
@@ -1138,23 +1165,30 @@ class Skimmer:
         the branches the selection needs together (:meth:`branches`, which
         also checks them first). ``events`` are the chunk's NanoEvents (every
         entry: their ``run``, ``event``, ``genWeight`` are already read),
-        ``records`` and ``cutflow`` what :meth:`select` gives. For one file
-        in a script or a prediction; :meth:`run` is the way for filesets.
+        ``records`` and ``cutflow`` what :meth:`select` gives (``collections``
+        and ``entries`` as there). For one file in a script or a prediction;
+        :meth:`run` is the way for filesets.
 
         >>> for events, records, cutflow in Skimmer(...).iterate("nano.root"):  # doctest: +SKIP
         ...     print(len(events), len(records))
         """
         import uproot
 
-        branches = self.branches(path, tree, collections=collections)
+        _open_check(path, tree)
         with uproot.open(path) as file:
+            branches = self._branches_in(file, path, tree, collections)
             n = file[tree].num_entries
             step = self.config.chunksize
+            layout: _Layout | None = None
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 try:
                     events = _events(file, tree, start, stop, preload=branches)
-                    records, cutflow = self.select(events, collections=collections)
+                    if layout is None:
+                        layout = self._chunk_layout(events, collections, entries)
+                    with warnings.catch_warnings():
+                        _quiet_coffea()
+                        records, cutflow = _select(events, self._plan, layout, self.function)
                 except CmsmlError:
                     raise
                 except Exception as exc:
@@ -1167,7 +1201,11 @@ class Skimmer:
     # ------------------------------------------------------------------ work
 
     def select(
-        self, events: Any, *, collections: Mapping[str, Iterable[str]] | None = None
+        self,
+        events: Any,
+        *,
+        collections: Mapping[str, Iterable[str]] | None = None,
+        entries: bool = False,
     ) -> tuple[ak.Array, dict[str, dict[str, float]]]:
         """Apply the selection to one chunk of coffea NanoEvents, as :meth:`run` does per chunk.
 
@@ -1175,12 +1213,23 @@ class Skimmer:
         branches, event id and weight; the layout of ``SkimResult.arrays``)
         and the chunk's cutflow. ``collections`` (collection -> fields)
         replaces ``skim.collections`` for what is kept, e.g. only what a model
-        reads. The ``function`` runs first, if there is one; per-dataset cuts
-        and lumi masks come with filesets and are not applied here.
+        reads. With ``entries`` the records also hold ``_entry``, each selected
+        event's position among ``events`` (not with a ``function``, which may
+        reorder events). The ``function`` runs first, if there is one;
+        per-dataset cuts and lumi masks come with filesets and are not applied here.
 
         >>> events = NanoEventsFactory.from_root({"nano.root": "Events"}).events()  # doctest: +SKIP
         >>> records, cutflow = Skimmer(selection=...).select(events)  # doctest: +SKIP
         """
+        layout = self._chunk_layout(events, collections, entries)
+        with warnings.catch_warnings():
+            _quiet_coffea()
+            return _select(events, self._plan, layout, self.function)
+
+    def _chunk_layout(
+        self, events: Any, collections: Mapping[str, Iterable[str]] | None, entries: bool
+    ) -> _Layout:
+        """What :meth:`select` keeps, resolved against the fields of ``events``."""
         fields = list(getattr(events, "fields", []))
         wanted = dict(self._plan.collections if collections is None else collections)
         keep: dict[str, list[str]] = {}
@@ -1189,15 +1238,13 @@ class Skimmer:
             available = list(events[root].fields) if root in fields else []
             keep[coll] = _match_fields(available, patterns)
         plain: list[str] = []
-        for name in fields:
+        for name in fields if self.config.keep else ():
             value = events[name]
             if value.ndim == 1:
                 plain.extend([name] if not value.fields else [f"{name}_{f}" for f in value.fields])
         branches = [b for p in self.config.keep for b in fnmatch.filter(plain, p)]
         layout = self._apply_drop(keep, list(dict.fromkeys(branches)))
-        with warnings.catch_warnings():
-            _quiet_coffea()
-            return _select(events, self._plan, layout, self.function)
+        return dataclasses.replace(layout, entry=entries)
 
     def run(self, fileset: Any) -> SkimResult:
         """Skim ``fileset`` (coffea form, ``{dataset: [files]}`` or a source with ``.fileset()``).

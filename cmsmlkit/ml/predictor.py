@@ -632,6 +632,7 @@ class Predictor:
         data = dict(skim)
         data["output"] = None
         data["skip_bad_files"] = False
+        data["chunksize"] = self.config.chunksize
         for key in ("keep", "drop"):
             if key in data:
                 data[key] = []
@@ -664,10 +665,12 @@ class Predictor:
         """Select, pad and score ``path`` chunk by chunk (:meth:`Skimmer.iterate`: one open file).
 
         Each chunk's event ids and weights come with the chunk (the selection
-        reads them anyway); its selected events are placed among them by
-        their (run, luminosityBlock, event).
+        reads them anyway), and the selection says where among them each
+        selected event sits (``entries=True``).
         """
         import awkward as ak
+
+        from ..data.skim import ENTRY
 
         types = _event_id_types(path)
         used = {f.collection for f in self.bundle.features if f.collection}
@@ -681,16 +684,13 @@ class Predictor:
         scores: list[np.ndarray] = []
         entries: list[np.ndarray] = []
         offset = 0
-        for events, records, _ in self.skimmer.iterate(path, collections=keep):
-            chunk_ids = {k: ak.to_numpy(events[k]) for k in _EVENT_ID}
+        for events, records, _ in self.skimmer.iterate(path, collections=keep, entries=True):
             for k in _EVENT_ID:
-                ids[k].append(chunk_ids[k])
+                ids[k].append(ak.to_numpy(events[k]))
             weights.append(_genweight(events, is_mc))
             if len(records):
                 scores.append(self._score_skimmed(records, path).scores)
-                selected = np.stack([ak.to_numpy(records[k]) for k in _EVENT_ID], axis=1)
-                every = np.stack([chunk_ids[k] for k in _EVENT_ID], axis=1)
-                entries.append(align_events(every, selected) + offset)
+                entries.append(ak.to_numpy(records[ENTRY]) + offset)
             offset += len(events)
         input_ids = {k: _joined(v, types[k]) for k, v in ids.items()}
         genweight = _joined(weights, np.float64)

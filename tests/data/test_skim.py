@@ -1033,3 +1033,20 @@ def test_select_one_chunk_of_events_gives_what_run_gives(toy, toy_result):
     only, _ = skimmer.select(events, collections={"GoodJet": ["pt"]})
     assert ak.fields(only.GoodJet) == ["pt"] and "GoodMuon" not in only.fields
     assert ak.to_list(only.GoodJet.pt) == ak.to_list(toy_result.arrays["bkg"].GoodJet.pt)
+    # entries=True: where each selected event sits among the chunk's events
+    placed, _ = skimmer.select(events, entries=True)
+    entry = ak.to_numpy(placed["_entry"])
+    assert len(entry) == len(records) and (np.diff(entry) > 0).all()
+    np.testing.assert_array_equal(ak.to_numpy(events.event)[entry], ak.to_numpy(records.event))
+
+
+def test_iterate_reads_a_file_chunk_by_chunk_like_run(toy, toy_result):
+    skimmer = Skimmer(selection=SELECTION, collections=COLLECTIONS, chunksize=64)
+    path = str(toy["files"]["bkg"])
+    assert skimmer.branches(path) == sorted(skimmer.branches(path))
+    assert {"Jet_pt", "nJet", "MET_pt", "event", "genWeight"} <= set(skimmer.branches(path))
+    chunks = list(skimmer.iterate(path))
+    assert [len(events) for events, _, _ in chunks] == [64, 64, 64, 8]
+    joined = ak.concatenate([records for _, records, _ in chunks])
+    assert ak.to_list(joined) == ak.to_list(toy_result.arrays["bkg"])
+    assert sum(flow["all"]["events"] for _, _, flow in chunks) == 200

@@ -534,3 +534,18 @@ def test_friend_tree_compression_is_configurable(demo_chain, tmp_path):
     with uproot.open(path) as friend:
         assert type(friend.file.compression).__name__ == "ZLIB"
         assert friend["Friends"].num_entries == 1500
+
+
+def test_scores_do_not_depend_on_the_chunk_size(demo_chain, tmp_path):
+    """predict.chunksize only changes how the file is read: the same scores in the same entries."""
+    new = str(demo_chain.files["new"][0])
+    whole = Predictor.from_bundle(demo_chain.bundle, formats=["friend"])
+    (one,) = whole.predict_files([new], tmp_path / "one")
+    pieces = Predictor.from_bundle(demo_chain.bundle, formats=["friend"], chunksize=400)
+    assert pieces.skimmer.config.chunksize == 400
+    (many,) = pieces.predict_files([new], tmp_path / "many")
+    with uproot.open(one) as a, uproot.open(many) as b:
+        first, second = a["Friends"].arrays(library="np"), b["Friends"].arrays(library="np")
+    assert len(first["event"]) == 1500 and 0 < first["score_selected"].sum() < 1500
+    for key, values in first.items():
+        np.testing.assert_array_equal(second[key], values)
