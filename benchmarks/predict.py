@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_pred = n / t_pred
         print(f"\nNanoAOD file: {n} events, {m} pass the bundle's selection")
         print(f"branches the Predictor reads ({len(branches)}): {' '.join(branches)}")
+        print(f"chunk size (predict.chunksize, also the baseline's step): {chunk:,} events")
         print(f"plain uproot.iterate, same branches    : {rate_plain:12,.0f} events/s")
         print(f"Predictor end to end (friend tree)     : {rate_pred:12,.0f} events/s")
         print(
