@@ -65,6 +65,8 @@ _QUIET_WARNINGS = (
     r".*treespec, LeafSpec.*",
     # the block loader gives each worker its own blocks, so its length is exact
     r".*`IterableDataset` has `__len__` defined.*",
+    # slurm-wlm installed (a SLURM login node): one process per training is what cmsmlkit runs
+    r".*The `srun` command is available on your system but is not used.*",
 )
 #: The accelerator names Lightning knows ("gpu" and "cuda" are the same on NVIDIA machines).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
