@@ -10,6 +10,7 @@ default ``$TMPDIR/cmsmlkit-bench``). In one run it prints events/s of
   this process (``ClusterConfig(workers=1)``), and their ratio (aim >= 0.5);
 * plain uproot in 2 processes, half of the file each: how far 2 cores of this
   machine speed up work that needs no coordination (the ceiling for the next);
+* the Skimmer on a LocalCluster of one worker process (the dask path, warm);
 * the Skimmer on the 2-worker LocalCluster of ``ClusterConfig(workers=2)``,
   warm (started, and its workers through one small skim, before the clock
   starts), and its ratio to one worker (aim >= 1.6); then the same cold, as
@@ -178,6 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     one = best_rate(
         "Skimmer, 1 worker (in-process)", args.repeat, n, lambda: run_skimmer(skim, path, None)
     )
+    with dask_client(ClusterConfig(workers=1, adapt_min=1, adapt_max=1)) as client:
+        client.wait_for_workers(1)  # a LocalCluster of one worker process: the same dask path
+        warm_one = ClusterConfig(type="address", address=client.scheduler.address)
+        run_skimmer(skim, path.with_name("ttbar_1000.root"), warm_one)  # imports on the worker
+        one_dask = best_rate(
+            "Skimmer, 1 local dask worker (warm)",
+            args.repeat,
+            n,
+            lambda: run_skimmer(skim, path, warm_one),
+            cpu=lambda: time.process_time() + sum(client.run(time.process_time).values()),
+        )
     with dask_client(ClusterConfig(workers=2)) as client:
         warm = ClusterConfig(type="address", address=client.scheduler.address)
         run_skimmer(skim, path.with_name("ttbar_1000.root"), warm)  # imports on the workers
@@ -198,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Skimmer / uproot:             {one / base:.2f}   (aim >= 0.5)")
     print(f"2 workers / 1 worker (warm):  {two / one:.2f}   (aim >= 1.6)")
     print(f"2 workers / 1 worker (cold):  {cold / one:.2f}")
+    print(
+        f"2 dask workers / 1 dask worker (warm): {two / one_dask:.2f}   (the same path with one "
+        "worker more; 1 dask worker / in-process: "
+        f"{one_dask / one:.2f})"
+    )
     print(
         f"plain uproot, 2 processes / 1:  {base_two / base:.2f}   (what 2 cores of this machine "
         "give work that needs no coordination: the ceiling for the ratio above)"
