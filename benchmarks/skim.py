@@ -98,6 +98,26 @@ def run_skimmer(skim, path: Path, cluster) -> int:  # type: ignore[no-untyped-de
     return result.cutflow["ttbar"]["all"]["events"]
 
 
+def warm_rate(skim, path: Path, cluster, args) -> float:  # type: ignore[no-untyped-def]
+    """Events/s of the Skimmer on the LocalCluster of ``cluster``, started and warmed up first."""
+    from cmsmlkit.cluster import dask_client
+    from cmsmlkit.config import ClusterConfig
+
+    workers = cluster.workers
+    with dask_client(cluster) as client:
+        client.wait_for_workers(workers)
+        warm = ClusterConfig(type="address", address=client.scheduler.address)
+        run_skimmer(skim, path.with_name("ttbar_1000.root"), warm)  # imports on the workers
+        label = "1 local dask worker" if workers == 1 else f"{workers} local workers"
+        return best_rate(
+            f"Skimmer, {label} (warm)",
+            args.repeat,
+            args.events,
+            lambda: run_skimmer(skim, path, warm),
+            cpu=lambda: time.process_time() + sum(client.run(time.process_time).values()),
+        )
+
+
 def best_rate(
     label: str,
     repeat: int,
@@ -155,7 +175,6 @@ def main(argv: list[str] | None = None) -> None:
         f"CPUs: {os.cpu_count()}, load average at start: {load:.1f} (figures are only fair near 0)"
     )
 
-    from cmsmlkit.cluster import dask_client
     from cmsmlkit.config import ClusterConfig
 
     n = args.events
@@ -179,27 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     one = best_rate(
         "Skimmer, 1 worker (in-process)", args.repeat, n, lambda: run_skimmer(skim, path, None)
     )
-    with dask_client(ClusterConfig(workers=1, adapt_min=1, adapt_max=1)) as client:
-        client.wait_for_workers(1)  # a LocalCluster of one worker process: the same dask path
-        warm_one = ClusterConfig(type="address", address=client.scheduler.address)
-        run_skimmer(skim, path.with_name("ttbar_1000.root"), warm_one)  # imports on the worker
-        one_dask = best_rate(
-            "Skimmer, 1 local dask worker (warm)",
-            args.repeat,
-            n,
-            lambda: run_skimmer(skim, path, warm_one),
-            cpu=lambda: time.process_time() + sum(client.run(time.process_time).values()),
-        )
-    with dask_client(ClusterConfig(workers=2)) as client:
-        warm = ClusterConfig(type="address", address=client.scheduler.address)
-        run_skimmer(skim, path.with_name("ttbar_1000.root"), warm)  # imports on the workers
-        two = best_rate(
-            "Skimmer, 2 local workers (warm)",
-            args.repeat,
-            n,
-            lambda: run_skimmer(skim, path, warm),
-            cpu=lambda: time.process_time() + sum(client.run(time.process_time).values()),
-        )
+    # a LocalCluster of one worker process (the same dask path as two), then of two
+    one_dask = warm_rate(skim, path, ClusterConfig(workers=1, adapt_min=1, adapt_max=1), args)
+    two = warm_rate(skim, path, ClusterConfig(workers=2), args)
     cold = best_rate(
         "Skimmer, 2 local workers (cold: start-up in)",
         1,
