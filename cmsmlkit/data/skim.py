@@ -1186,9 +1186,7 @@ class Skimmer:
                     events = _events(file, tree, start, stop, preload=branches)
                     if layout is None:
                         layout = self._chunk_layout(events, collections, entries)
-                    with warnings.catch_warnings():
-                        _quiet_coffea()
-                        records, cutflow = _select(events, self._plan, layout, self.function)
+                    records, cutflow = self._select_chunk(events, layout)
                 except CmsmlError:
                     raise
                 except Exception as exc:
@@ -1221,7 +1219,11 @@ class Skimmer:
         >>> events = NanoEventsFactory.from_root({"nano.root": "Events"}).events()  # doctest: +SKIP
         >>> records, cutflow = Skimmer(selection=...).select(events)  # doctest: +SKIP
         """
-        layout = self._chunk_layout(events, collections, entries)
+        return self._select_chunk(events, self._chunk_layout(events, collections, entries))
+
+    def _select_chunk(
+        self, events: Any, layout: _Layout
+    ) -> tuple[ak.Array, dict[str, dict[str, float]]]:
         with warnings.catch_warnings():
             _quiet_coffea()
             return _select(events, self._plan, layout, self.function)

@@ -636,12 +636,7 @@ class Predictor:
         for key in ("keep", "drop"):
             if key in data:
                 data[key] = []
-        used = {f.collection for f in self.bundle.features if f.collection}
-        keep = {
-            coll: list(dict.fromkeys([*spec.get("fields", []), *_sort_field(spec)]))
-            for coll, spec in self.bundle.padding.items()
-            if coll in used
-        }
+        keep = self._model_collections()
         if keep:
             data["collections"] = keep
         try:
@@ -661,6 +656,15 @@ class Predictor:
             self._skimmer = Skimmer(self._skim_config())
         return self._skimmer
 
+    def _model_collections(self) -> dict[str, list[str]]:
+        """The collections the model reads, with the fields its padding keeps (and sorts by)."""
+        used = {f.collection for f in self.bundle.features if f.collection}
+        return {
+            coll: list(dict.fromkeys([*spec.get("fields", []), *_sort_field(spec)]))
+            for coll, spec in self.bundle.padding.items()
+            if coll in used
+        }
+
     def _score_nanoaod(self, path: str, *, is_mc: bool = True) -> FileScores:
         """Select, pad and score ``path`` chunk by chunk (:meth:`Skimmer.iterate`: one open file).
 
@@ -673,12 +677,7 @@ class Predictor:
         from ..data.skim import ENTRY
 
         types = _event_id_types(path)
-        used = {f.collection for f in self.bundle.features if f.collection}
-        keep = {
-            coll: list(dict.fromkeys([*spec.get("fields", []), *_sort_field(spec)]))
-            for coll, spec in self.bundle.padding.items()
-            if coll in used
-        }
+        keep = self._model_collections()
         ids: dict[str, list[np.ndarray]] = {k: [] for k in _EVENT_ID}
         weights: list[np.ndarray] = []
         scores: list[np.ndarray] = []
@@ -1440,13 +1439,7 @@ def add_scores(
 
 def _select_events(predictor: Predictor, events: Any) -> Any:
     """The bundle's selection applied to one chunk of NanoEvents: the selected skimmed records."""
-    used = {f.collection for f in predictor.bundle.features if f.collection}
-    keep = {
-        coll: list(dict.fromkeys([*spec.get("fields", []), *_sort_field(spec)]))
-        for coll, spec in predictor.bundle.padding.items()
-        if coll in used
-    }
-    records, _ = predictor.skimmer.select(events, collections=keep)
+    records, _ = predictor.skimmer.select(events, collections=predictor._model_collections())
     return records
 
 

@@ -4,18 +4,19 @@ Each trial trains one model with the ``train:`` section as its base and the
 parameters sampled from ``tune.space`` on top (any dotted path of the
 ``train:`` section; ``depth`` and ``width`` build ``model.hidden``). Hopeless
 trials are pruned on the validation AUC of each epoch (optuna-integration's
-Lightning callback), by default with asynchronous successive halving (``asha``:
-a median cut after the first epoch, then only the best quarter goes on past
-epochs 2, 5, 17, ...), which on the demo study trains under half the epochs of
-no pruning for the same best AUC (``benchmarks/tune.py``). Trials run in this process one after another, or as dask
-tasks on the ``cluster:`` (one trial per worker at a time), all sharing one
-Optuna storage: SQLite in the output directory by default, a journal file on a
-shared filesystem (``journal:///eos/.../study.log``), or a database URL. A
-rerun resumes the stored study; a trial left running by a dead worker (no
-heartbeat for three ``tune.heartbeat`` periods) is marked failed and retried
-with the same parameters. With tracking enabled the study is an MLflow run and
-each trial a nested run with its parameters and per-epoch curves. The best
-trial's configuration is retrained (seeded: the same model) into the bundle
+Lightning callback), by default with asynchronous successive halving
+(``asha``: a median cut after the first epoch, then only the best quarter goes
+on past epochs 2, 5, 17, ...), which on the demo study trains under half the
+epochs of no pruning for the same best AUC (``benchmarks/tune.py``). Trials
+run in this process one after another, or as dask tasks on the ``cluster:``
+(one trial per worker at a time), all sharing one Optuna storage: SQLite in
+the output directory by default, a journal file on a shared filesystem
+(``journal:///eos/.../study.log``), or a database URL. A rerun resumes the
+stored study; a trial left running by a dead worker (no heartbeat for three
+``tune.heartbeat`` periods) is marked failed and retried with the same
+parameters. With tracking enabled the study is an MLflow run and each trial a
+nested run with its parameters and per-epoch curves. The best trial's
+configuration is retrained (seeded: the same model) into the bundle
 ``<output>/best``, the study summarised in ``<output>/study.json`` and its
 figures drawn in ``<output>/figures``.
 
@@ -478,15 +479,15 @@ class Tuner:
         if c.pruner == "hyperband":
             max_epochs = c.max_epochs or self.train_config.max_epochs
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
-        median = optuna.pruners.MedianPruner(
-            n_startup_trials=c.pruner_startup_trials, n_warmup_steps=c.pruner_warmup_epochs
-        )
         if c.pruner == "percentile":
             return optuna.pruners.PercentilePruner(
                 c.pruner_percentile,
                 n_startup_trials=c.pruner_startup_trials,
                 n_warmup_steps=c.pruner_warmup_epochs,
             )
+        median = optuna.pruners.MedianPruner(
+            n_startup_trials=c.pruner_startup_trials, n_warmup_steps=c.pruner_warmup_epochs
+        )
         if c.pruner == "asha":
             halving = optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=max(c.pruner_warmup_epochs, 1),
